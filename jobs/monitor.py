@@ -1,0 +1,28 @@
+"""One moegrok sweep: record -> reduce -> evaluate -> analyze -> report into one run directory.
+
+    python jobs/monitor.py                                   # the toy zoo (make demo)
+    python jobs/monitor.py stage=report run_dir=runs/toy     # re-run one stage from stored tables
+    python jobs/monitor.py experiment=olmoe_1b_7b            # the paper's OLMoE protocol (GPUs)
+    python jobs/monitor.py --multirun metrics.threshold=0.5,0.7,0.8 'run_dir=runs/thr${metrics.threshold}'
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from moegrok.config import MonitorConfig, register_configs
+from moegrok.pipeline import run_monitor
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="monitor", version_base="1.3")
+def main(cfg: DictConfig) -> int:
+    config: MonitorConfig = OmegaConf.to_object(cfg)
+    return run_monitor(config)
+
+
+if __name__ == "__main__":
+    status = main()
+    sys.exit(status or 0)

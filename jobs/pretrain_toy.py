@@ -1,0 +1,26 @@
+"""Train the toy OLMoE zoo on multi-group modular arithmetic until it groks.
+
+    python jobs/pretrain_toy.py                         # the default zoo, into zoo/default
+    python jobs/pretrain_toy.py out_dir=zoo/p31 data.p=31 train.max_steps=800
+
+Re-running resumes from the newest checkpoint; a finished zoo is left as it is.
+"""
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from moegrok.config import PretrainToyConfig, register_configs
+from moegrok.toy.summary import print_summary
+from moegrok.toy.train import train_toy
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="pretrain_toy", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    config: PretrainToyConfig = OmegaConf.to_object(cfg)
+    print_summary(train_toy(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""HTML report and PNG figures from a run directory's stored tables (read-only: nothing is
+recomputed, so it can be re-run at will)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from moegrok.store import RunDir  # noqa: E402
+
+# Paper Table 1 (Pearson/Spearman with test accuracy after the sustained rise)
+PAPER_VALUES = {"pathway_distance": "-0.93 .. -0.98", "consistency": "+0.92 .. +0.99", "loss_mean": "-0.07 .. +0.79"}
+CURVE_METRICS = ["pathway_distance", "pathway_distance_answer", "mean_cos", "consistency", "med", "loss_mean"]
+SUMMARY_WINDOW = "post_memorization"
+
+
+def _read(path: Path) -> pd.DataFrame | None:
+    return pd.read_parquet(path) if path.exists() else None
+
+
+def _png(fig, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _curves_figure(group: str, curve: pd.DataFrame, onset_row: pd.Series | None, metrics: list[str]):
+    panels = ["accuracy", *metrics]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 2.8), squeeze=False)
+    for ax, column in zip(axes[0], panels, strict=True):
+        ax.plot(curve["step"], curve[column], marker="o", ms=3)
+        ax.set_title(column, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if onset_row is not None:
+            for key, style in (("memorization_step", ":"), ("generalization_onset", "--")):
+                if np.isfinite(onset_row[key]):
+                    ax.axvline(onset_row[key], color="gray", ls=style, lw=1)
+    fig.suptitle(f"group {group} (dotted: memorization, dashed: generalization onset)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _scatter_figure(group: str, curve: pd.DataFrame, correlations: pd.DataFrame, metrics: list[str]):
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.1 * len(metrics), 2.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        ax.scatter(curve[metric], curve["accuracy"], c=curve["step"], cmap="viridis", s=14)
+        row = correlations[(correlations["metric"] == metric) & (correlations["window"] == "all")]
+        rho = row["spearman"].iloc[0] if len(row) else float("nan")
+        ax.set_title(f"{metric}\nSpearman {rho:+.2f} (all ckpts)", fontsize=8)
+        ax.set_xlabel(metric, fontsize=7)
+        ax.set_ylabel("accuracy", fontsize=7)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"group {group}: metric vs accuracy (colour = step)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _med_figure(train_log: pd.DataFrame, metrics: pd.DataFrame):
+    med = metrics.groupby("step")["med"].first()
+    held = train_log.groupby("step")["heldout_loss"].mean()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(med.index, med.values, color="C0", marker="o", ms=3, label="MED")
+    ax.set_xlabel("step")
+    ax.set_ylabel("main embedding diff", color="C0")
+    twin = ax.twinx()
+    twin.plot(held.index, held.values, color="C3", label="held-out loss")
+    twin.set_ylabel("held-out loss (mean over groups)", color="C3")
+    fig.suptitle("embedding progress measure vs held-out loss", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _table(frame: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
+    return frame.to_html(index=False, float_format=lambda x: floatfmt.format(x), na_rep="–", border=0,
+                         classes="t", escape=True)
+
+
+def verdicts(correlations: pd.DataFrame) -> list[str]:
+    """Plain statements: does a pathway metric track accuracy better than the training loss?"""
+    lines = []
+    window = correlations[(correlations["window"] == SUMMARY_WINDOW) & ~correlations["is_baseline"]]
+    for (group, benchmark), rows in window.groupby(["group", "benchmark"]):
+        pathway = rows[rows["metric"].str.startswith(("pathway_distance", "mean_cos", "consistency"))]
+        pathway = pathway.dropna(subset=["spearman"])
+        if pathway.empty:
+            continue
+        best = pathway.loc[pathway["spearman"].abs().idxmax()]
+        loss = best["loss_spearman"]
+        better = np.isfinite(loss) and abs(best["spearman"]) > abs(loss)
+        lines.append(
+            f"{group} ({benchmark}): best pathway metric {best['metric']} |Spearman| {abs(best['spearman']):.2f} "
+            f"vs training loss {abs(loss):.2f} and step {abs(best['step_spearman']):.2f} after memorization "
+            f"(n={int(best['n'])}): {'tracks accuracy better than the loss' if better else 'does NOT beat the loss'}"
+            f"; beats both baselines incl. detrended: {'yes' if bool(best['beats_baselines']) else 'no'}."
+        )
+    return lines
+
+
+def summary_table(correlations: pd.DataFrame) -> pd.DataFrame:
+    """Compact metric x group Spearman table (post-memorization) with the baselines."""
+    rows = correlations[correlations["window"] == SUMMARY_WINDOW]
+    table = rows.pivot_table(index="metric", columns="group", values="spearman", aggfunc="first")
+    beats = rows.pivot_table(index="metric", columns="group", values="beats_baselines", aggfunc="any")
+    marked = table.map(lambda v: f"{v:+.2f}" if np.isfinite(v) else "–").astype(object)
+    for metric in marked.index:
+        for group in marked.columns:
+            if metric in beats.index and bool(beats.loc[metric, group]):
+                marked.loc[metric, group] += " *"
+    return marked.reset_index()
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run = RunDir(run_dir)
+    metrics, accuracy = _read(run.metrics), _read(run.accuracy)
+    correlations, onsets, failures = _read(run.correlations), _read(run.onsets), _read(run.failures)
+    config_text = run.config.read_text() if run.config.exists() else ""
+    config = yaml.safe_load(config_text) if config_text else {}
+    parts = [f"<h1>moegrok report</h1><p>run directory <code>{html.escape(str(run.root.resolve()))}</code></p>"]
+
+    if onsets is not None and len(onsets):
+        parts.append("<h2>Memorization and generalization per group</h2>")
+        parts.append(_table(onsets))
+        from moegrok.analysis import asynchronous_groups
+
+        parts.append(f"<p>Groups generalize asynchronously: <b>{'yes' if asynchronous_groups(onsets) else 'no'}</b> "
+                     "(distinct generalization onsets).</p>")
+    if correlations is not None and len(correlations):
+        parts.append("<h2>Verdict</h2><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in verdicts(correlations))
+                     + "</ul><p>* in the table below: beats both trivial baselines (step, training loss) on the "
+                     "raw and the detrended (partial, controlling for step) Spearman.</p>")
+        parts.append(f"<h3>Spearman with accuracy after memorization</h3>{_table(summary_table(correlations))}")
+
+    figure_dir = run.figures
+    if metrics is not None and accuracy is not None and correlations is not None and len(correlations):
+        sample_set = correlations["sample_set"].iloc[0]
+        from moegrok.analysis import join_accuracy
+
+        group_map = (config.get("analysis") or {}).get("group_map") or {}
+        joined = join_accuracy(metrics, accuracy, sample_set=sample_set, group_map=group_map)
+        curve_metrics = [m for m in CURVE_METRICS if m in joined and joined[m].notna().any()]
+        parts.append(f"<h2>Curves per group</h2><p>sample set: {html.escape(sample_set)}</p>")
+        for (group, benchmark), curve in joined.groupby(["group", "benchmark"], sort=True):
+            curve = curve.sort_values("step")
+            onset_row = None
+            if onsets is not None:
+                match = onsets[(onsets["group"] == group) & (onsets["benchmark"] == benchmark)]
+                onset_row = match.iloc[0] if len(match) else None
+            parts.append(f"<h3>{html.escape(group)} / {html.escape(benchmark)}</h3>")
+            parts.append(_png(_curves_figure(group, curve, onset_row, curve_metrics),
+                              figure_dir / f"curves_{group}_{benchmark}.png"))
+            group_corr = correlations[(correlations["group"] == group) & (correlations["benchmark"] == benchmark)]
+            parts.append(_png(_scatter_figure(group, curve, group_corr, curve_metrics),
+                              figure_dir / f"scatter_{group}_{benchmark}.png"))
+    train_log_path = Path((config.get("checkpoints") or {}).get("dir") or "__none__") / "train_log.parquet"
+    if metrics is not None and train_log_path.exists() and metrics["med"].notna().any():
+        parts.append("<h2>Embedding progress measure (toy zoo)</h2>")
+        parts.append(_png(_med_figure(pd.read_parquet(train_log_path), metrics), figure_dir / "med_vs_heldout_loss.png"))
+
+    if correlations is not None and len(correlations):
+        table = correlations.copy()
+        table["paper"] = table["metric"].map(PAPER_VALUES).fillna("")
+        columns = ["group", "benchmark", "window", "metric", "n", "spearman", "spearman_p", "pearson",
+                   "partial_spearman", "diff_spearman", "step_spearman", "loss_spearman", "onset_step",
+                   "lead_steps", "beats_baselines", "paper"]
+        parts.append("<h2>All correlations</h2><p>Baselines: <code>step</code> (checkpoint step) and "
+                     "<code>loss_mean</code> (training loss). Paper values: Table 1 of arXiv 2506.21551, "
+                     "after the sustained rise.</p>")
+        parts.append(_table(table[columns]))
+    parts.append("<h2>Failures</h2>" + (_table(failures) if failures is not None and len(failures) else "<p>none</p>"))
+    parts.append(f"<h2>Config</h2><pre>{html.escape(config_text)}</pre>")
+
+    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;color:#222}"
+             "table.t{border-collapse:collapse;font-size:12px}table.t td,table.t th{padding:2px 8px;"
+             "border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}pre{background:#f6f6f6;padding:1em}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>moegrok report</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    run.report.write_text(page)
+    return run.report

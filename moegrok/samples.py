@@ -1,0 +1,199 @@
+"""Training-sample sources, tokenization, sharding and memorized-sample selection.
+
+A source is a jsonl or Parquet file whose records carry `id`, `group`, and either `text` or
+`prompt` + `completion`. The loss of a `text` sample is scored on every token after the first;
+the loss of a prompt/completion sample on the completion only.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from moegrok.config import SamplesConfig
+
+
+class SampleError(ValueError):
+    """A malformed sample source; the message names the file (and line)."""
+
+
+def _check_record(record: object, where: str) -> dict:
+    if isinstance(record, str):  # a parse error
+        raise SampleError(f"{where}: {record}")
+    if not isinstance(record, dict):
+        raise SampleError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in ("id", "group"):
+        if not isinstance(record.get(key), str | int) or record.get(key) == "":
+            raise SampleError(f"{where}: missing or empty {key!r}")
+    has_text = isinstance(record.get("text"), str)
+    has_pair = isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str)
+    if has_text == has_pair:
+        raise SampleError(f"{where}: needs either a string 'text' or string 'prompt' and 'completion'")
+    return {
+        "id": str(record["id"]),
+        "group": str(record["group"]),
+        "text": record.get("text"),
+        "prompt": record.get("prompt"),
+        "completion": record.get("completion"),
+    }
+
+
+def read_samples(path: str | Path, *, errors: list[str] | None = None) -> pd.DataFrame:
+    """Read one source into columns id, group, text, prompt, completion (None where absent).
+
+    A malformed record raises a SampleError naming file:line, or, when `errors` is a list, is
+    skipped and its message appended there (a sweep records it and goes on)."""
+
+    def checked(record: object, where: str) -> dict | None:
+        try:
+            return _check_record(record, where)
+        except SampleError as e:
+            if errors is None:
+                raise
+            errors.append(str(e))
+            return None
+
+    path = Path(path)
+    if not path.exists():
+        raise SampleError(f"{path}: no such sample file")
+    if path.suffix == ".parquet":
+        frame = pd.read_parquet(path)
+        records = [
+            checked({k: v for k, v in r.items() if v is not None and v == v}, f"{path}:row {i}")
+            for i, r in enumerate(frame.to_dict("records"))
+        ]
+    elif path.suffix in (".jsonl", ".json"):
+        records = []
+        with path.open() as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    record = f"invalid JSON ({e.msg})"
+                records.append(checked(record, f"{path}:{line_number}"))
+    else:
+        raise SampleError(f"{path}: unsupported sample format {path.suffix!r} (use .jsonl or .parquet)")
+    records = [r for r in records if r is not None]
+    frame = pd.DataFrame.from_records(records, columns=["id", "group", "text", "prompt", "completion"])
+    duplicated = frame["id"][frame["id"].duplicated()]
+    if len(duplicated):
+        raise SampleError(f"{path}: duplicate sample id {duplicated.iloc[0]!r}")
+    return frame
+
+
+def select_samples(cfg: SamplesConfig, *, errors: list[str] | None = None) -> pd.DataFrame:
+    """Read every source, keep the configured groups, subsample each group deterministically."""
+    if not cfg.paths:
+        raise SampleError("samples.paths is empty: give at least one jsonl/parquet sample file")
+    frame = pd.concat([read_samples(p, errors=errors) for p in cfg.paths], ignore_index=True)
+    duplicated = frame["id"][frame["id"].duplicated()]
+    if len(duplicated):
+        raise SampleError(f"sample id {duplicated.iloc[0]!r} appears in more than one of {cfg.paths}")
+    if cfg.groups:
+        unknown = sorted(set(cfg.groups) - set(frame["group"]))
+        if unknown:
+            raise SampleError(f"samples.groups: no samples of group(s) {unknown} in {cfg.paths}")
+        frame = frame[frame["group"].isin(cfg.groups)]
+    parts = []
+    for group, part in frame.groupby("group", sort=True):
+        if cfg.max_per_group and len(part) > cfg.max_per_group:
+            seed = [cfg.seed, zlib.crc32(str(group).encode())]
+            keep = np.sort(np.random.default_rng(seed).choice(len(part), cfg.max_per_group, replace=False))
+            part = part.iloc[keep]
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+@dataclass(frozen=True)
+class TokenizedSample:
+    sample_id: str
+    group: str
+    input_ids: np.ndarray  # int64, (T,)
+    num_prompt_tokens: int  # index of the first scored token (>= 1)
+
+
+def tokenize_samples(frame: pd.DataFrame, tokenizer, *, max_tokens: int) -> list[TokenizedSample]:
+    """Tokenize with the tokenizer's special tokens; prompt and completion separately (as lm-eval
+    does), so the completion's tokens are exactly the scored ones. Text longer than `max_tokens`
+    keeps its start; a prompt/completion keeps its end (the completion)."""
+    out = []
+    for row in frame.itertuples(index=False):
+        if isinstance(row.text, str):
+            ids = tokenizer(row.text)["input_ids"][:max_tokens]
+            num_prompt = 1
+        else:
+            prompt = tokenizer(row.prompt)["input_ids"]
+            completion = tokenizer(row.completion, add_special_tokens=False)["input_ids"]
+            ids = (prompt + completion)[-max_tokens:]
+            num_prompt = max(len(ids) - len(completion), 1)
+        if len(ids) < 2:
+            raise SampleError(f"sample {row.id!r} has fewer than 2 tokens; nothing to score")
+        out.append(TokenizedSample(row.id, row.group, np.asarray(ids, dtype=np.int64), num_prompt))
+    return out
+
+
+def shard_samples(frame: pd.DataFrame, *, shard_size: int) -> list[pd.DataFrame]:
+    """Fixed shards in the frame's order; the same samples always land in the same shard."""
+    return [frame.iloc[i : i + shard_size] for i in range(0, len(frame), shard_size)]
+
+
+# --------------------------------------------------------------------------- memorization
+
+
+def memorized_since(losses: pd.DataFrame, *, eps: float, delta: float) -> pd.Series:
+    """Step t*_i since which sample i is memorized, NaN if never (DESIGN "Memorized samples").
+
+    `losses`: columns step, sample_id, loss. Sample i is memorized since t* when for every
+    checkpoint t >= t*: loss_t <= eps and |loss_t - loss_T| <= delta (T = last checkpoint).
+    """
+    loss_NS = losses.pivot_table(index="sample_id", columns="step", values="loss", aggfunc="first")
+    loss_NS = loss_NS.sort_index(axis=1)
+    steps = loss_NS.columns.to_numpy()
+    values = loss_NS.to_numpy()
+    ok_NS = (values <= eps) & (np.abs(values - values[:, -1:]) <= delta)
+    # suffix-all: ok from column s to the end
+    suffix_ok_NS = np.flip(np.logical_and.accumulate(np.flip(ok_NS, axis=1), axis=1), axis=1)
+    first = np.where(suffix_ok_NS.any(axis=1), suffix_ok_NS.argmax(axis=1), -1)
+    since = np.where(first >= 0, steps[np.maximum(first, 0)], np.nan)
+    return pd.Series(since, index=loss_NS.index, name="memorized_since")
+
+
+def select_memorized(
+    losses: pd.DataFrame,
+    *,
+    delta: float = 0.05,
+    eps: float | None = None,
+    target_fraction: float = 0.2,
+    eps_grid_step: float = 0.1,
+    max_eps: float = 10.0,
+) -> pd.DataFrame:
+    """Per group, eps fixed or the smallest multiple of `eps_grid_step` whose share of samples
+    memorized before the last checkpoint reaches `target_fraction` (the paper aims at 20-25%).
+
+    `losses`: columns step, sample_id, group, loss. Returns sample_id, group, eps,
+    memorized_since (NaN = never memorized before the last checkpoint).
+    """
+    last_step = losses["step"].max()
+    parts = []
+    for group, part in losses.groupby("group", sort=True):
+        num_grid = int(round(max_eps / eps_grid_step))
+        grid = [eps] if eps is not None else [round(k * eps_grid_step, 10) for k in range(1, num_grid + 1)]
+        for candidate in grid:
+            since = memorized_since(part, eps=float(candidate), delta=delta)
+            since = since.where(since < last_step)
+            if since.notna().mean() >= target_fraction:
+                break
+        parts.append(
+            pd.DataFrame(
+                {"sample_id": since.index, "group": group, "eps": float(candidate),
+                 "memorized_since": since.to_numpy()}
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
