@@ -3,8 +3,9 @@
 Reads only stored tables (metrics.parquet, accuracy.parquet, memorized.parquet).
 
 Rules (the README documents them):
-* Memorization step of a group: the median t*_i of its samples memorized before the last
-  checkpoint (memorized.parquet).
+* Memorization step of a group: the first checkpoint where its training samples' greedy
+  token accuracy (`train_accuracy`) reaches `memorized_accuracy` (0.99); if it never does (text
+  pretraining), the median t*_i of its samples memorized by the loss rule (memorized.parquet).
 * Onset of a curve: orient it so that "generalizing" is up, take its level at the first
   checkpoint at/after the memorization step as the baseline; the onset is the last checkpoint
   before the curve rises by at least `min_rise` above the baseline and stays there at every
@@ -29,10 +30,11 @@ DIRECTIONS = {
     "pathway_distance": -1, "pathway_distance_chars": -1, "pathway_distance_norm": -1, "pathway_length": -1,
     "mean_cos": 1, "mean_cos_median": 1, "consistency": 1, "consistency_median": 1,
     "med": -1, "loss_mean": -1, "loss_median": -1, "step": 1,
+    "router_saturation": 1, "top1_agreement": 1,
 }
 BASELINES = ("step", "loss_mean")
 NON_METRICS = {"checkpoint", "step", "group", "sample_set", "num_samples", "num_pairs", "pairs", "num_memorized",
-               "loss_std", "loss_p90"}
+               "loss_std", "loss_p90", "train_accuracy"}
 WINDOWS = ("all", "post_memorization", "post_onset")
 
 
@@ -47,9 +49,19 @@ def direction(metric: str) -> int:
     return DIRECTIONS.get(base, DIRECTIONS.get(metric, 0))
 
 
-def memorization_steps(memorized: pd.DataFrame) -> pd.Series:
-    """Per group: the median step since which its memorized samples are memorized."""
-    return memorized.dropna(subset=["memorized_since"]).groupby("group")["memorized_since"].median()
+def memorization_steps(metrics: pd.DataFrame, memorized: pd.DataFrame, *, memorized_accuracy: float = 0.99) -> dict:
+    """Per group: (step, rule) -- the first checkpoint with train accuracy >= memorized_accuracy
+    over all samples, else the median step since which its loss-rule-memorized samples are."""
+    loss_rule = memorized.dropna(subset=["memorized_since"]).groupby("group")["memorized_since"].median()
+    everything = metrics[metrics["sample_set"] == "all"].sort_values("step")
+    out = {}
+    for group, rows in everything.groupby("group"):
+        reached = rows[rows["train_accuracy"] >= memorized_accuracy] if "train_accuracy" in rows else rows.iloc[:0]
+        if len(reached):
+            out[group] = (float(reached["step"].iloc[0]), "train_accuracy")
+        elif group in loss_rule:
+            out[group] = (float(loss_rule[group]), "loss_rule")
+    return out
 
 
 def onset(steps: np.ndarray, values: np.ndarray, *, start_step: float, min_rise: float,
@@ -122,27 +134,30 @@ def join_accuracy(metrics: pd.DataFrame, accuracy: pd.DataFrame, *, sample_set: 
     """Metrics of `sample_set` joined with accuracy of the mapped benchmark group, per checkpoint."""
     chosen = metrics[metrics["sample_set"] == sample_set].copy()
     chosen["benchmark_group"] = chosen["group"].map(lambda g: group_map.get(g, g))
-    acc = accuracy.rename(columns={"group": "benchmark_group"})[
-        ["checkpoint", "benchmark", "benchmark_group", "accuracy"]]
+    acc = accuracy.rename(columns={"group": "benchmark_group"})
+    if "tuned" in acc:  # tuned accuracy is its own benchmark column, on the base checkpoint's metrics
+        acc = acc.assign(benchmark=acc["benchmark"].where(~acc["tuned"].astype(bool), acc["benchmark"] + "+tuned"),
+                         checkpoint=acc["base_checkpoint"])
+    acc = acc[["checkpoint", "benchmark", "benchmark_group", "accuracy"]]
     return chosen.merge(acc, on=["checkpoint", "benchmark_group"], how="inner")
 
 
 def analyze(metrics: pd.DataFrame, accuracy: pd.DataFrame, memorized: pd.DataFrame, *,
             sample_set: str = "memorized", group_map: dict[str, str] | None = None,
-            min_rise: float = 0.1) -> tuple[pd.DataFrame, pd.DataFrame]:
+            min_rise: float = 0.1, memorized_accuracy: float = 0.99) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(correlations, onsets) tables."""
     joined = join_accuracy(metrics, accuracy, sample_set=sample_set, group_map=group_map or {})
-    mem_steps = memorization_steps(memorized)
+    mem_steps = memorization_steps(metrics, memorized, memorized_accuracy=memorized_accuracy)
     columns = metric_columns(metrics)
     onset_rows, corr_rows = [], []
     for (group, benchmark), curve in joined.groupby(["group", "benchmark"], sort=True):
         curve = curve.sort_values("step")
-        first_step = float(curve["step"].min())
-        mem_step = float(mem_steps.get(group, first_step))
+        mem_step, mem_rule = mem_steps.get(group, (float(curve["step"].min()), "first_checkpoint"))
         acc_onset = onset(curve["step"].to_numpy(float), curve["accuracy"].to_numpy(float), start_step=mem_step,
                           min_rise=min_rise, scaled=False)
         final = float(curve["accuracy"].iloc[-1])
         onset_rows.append({"group": group, "benchmark": benchmark, "memorization_step": mem_step,
+                           "memorization_rule": mem_rule,
                            "generalization_onset": acc_onset, "lag_steps": acc_onset - mem_step,
                            "accuracy_at_memorization": float(np.interp(mem_step, curve["step"], curve["accuracy"])),
                            "final_accuracy": final, "max_accuracy": float(curve["accuracy"].max())})

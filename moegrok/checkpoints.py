@@ -203,6 +203,9 @@ def resolve_dtype(name: str, device: str):
 def load_checkpoint(ref: CheckpointRef, model_cfg: ModelConfig, *, cache_dir: str, device: str):
     """(model, tokenizer) of a checkpoint, safetensors only, remote code only if configured."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per load is noise in a sweep
 
     try:
         path = local_path(ref, cache_dir=cache_dir)

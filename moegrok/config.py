@@ -7,6 +7,7 @@ at start-up and the library only ever sees these dataclasses. Errors name the co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 MISSING = "???"
 
@@ -32,8 +33,8 @@ class ToyDataConfig:
     groups: list[ToyGroupConfig] = field(
         default_factory=lambda: [
             ToyGroupConfig("add", "add", 0.7),
-            ToyGroupConfig("sub", "sub", 0.6),
-            ToyGroupConfig("mul", "mul", 0.5),
+            ToyGroupConfig("sub", "sub", 0.5),
+            ToyGroupConfig("mul", "mul", 0.1),  # memorizes, never generalizes: a negative control
         ]
     )
     seed: int = 0
@@ -55,7 +56,7 @@ class ToyDataConfig:
 @dataclass
 class ToyModelConfig:
     hidden_size: int = 64
-    intermediate_size: int = 64
+    intermediate_size: int = 128
     num_layers: int = 4
     num_heads: int = 2
     num_experts: int = 8
@@ -75,23 +76,23 @@ class ToyModelConfig:
 
 @dataclass
 class ToyTrainConfig:
-    max_steps: int = 1000
-    lr: float = 3e-3
-    weight_decay: float = 1.0
+    max_steps: int = 900
+    lr: float = 2e-3
+    weight_decay: float = 1.5
     beta1: float = 0.9
     beta2: float = 0.98
     warmup_steps: int = 0
-    schedule: str = "constant"  # constant | cosine | wsd (warmup, stable, then linear decay)
+    schedule: str = "wsd"  # constant | cosine | wsd (warmup, stable, then linear decay)
     decay_fraction: float = 0.3  # wsd: share of max_steps spent decaying at the end
     min_lr_ratio: float = 0.1
     grad_clip: float = 0.0  # 0 = off
-    # Grokfast-EMA gradient filter (Lee et al. 2024): grad += lamb * EMA_alpha(grad); lamb 0 = off
-    grokfast_alpha: float = 0.98
-    grokfast_lamb: float = 0.0
     save_every: int = 50
-    log_every: int = 10
+    log_every: int = 25
     seed: int = 0
-    num_threads: int = 0  # 0 = torch default
+    num_threads: int = 2  # fixed, so a zoo is reproducible bit for bit on a machine; 0 = torch default
+    # live pathway metrics of a fixed probe set of training samples at every logging step
+    monitor_samples_per_group: int = 64  # 0 = off
+    monitor_positions: list[str] = field(default_factory=lambda: ["all", "answer"])
     experts_implementation: str = "grouped_mm"
     attn_implementation: str = "eager"  # fastest for the toy's 5-9 token sequences on CPU
 
@@ -174,7 +175,7 @@ class SamplesConfig:
 class RecordConfig:
     max_tokens_per_batch: int = 16384
     loss_chunk_tokens: int = 4096
-    keep_input_ids: bool = False  # adds the input_ids column (vocabulary specialization)
+    keep_input_ids: bool = True  # the input_ids column (vocabulary specialization needs it)
     num_actors: int = 1
     num_gpus: float = -1  # per actor; -1 = 1 when the cluster has GPUs, else 0
     num_cpus: float = 1
@@ -197,6 +198,10 @@ class MetricsConfig:
     max_pairs: int = 2_000_000  # exact all pairs up to this many, then a seeded sample of pairs
     seed: int = 0
     write_sample_metrics: bool = True  # per-sample pathways and consistency, sample_metrics.parquet
+    # the OLMoE paper's routing analyses (saturation, co-activation, specialization, load)
+    routing_analyses: bool = True
+    saturation_reference: str | None = None  # checkpoint name; None = the last one
+    vocab_min_count: int = 10  # token ids seen fewer times are left out of vocabulary specialization
     memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
 
     def __post_init__(self) -> None:
@@ -218,7 +223,7 @@ class EvalConfig:
 
     enabled: bool = True
     benchmarks: list[BenchmarkConfig] = field(default_factory=list)
-    engine: str = "vllm"  # vllm | hf
+    engine: str = "auto"  # auto (vllm when the cluster has GPUs, else hf) | vllm | hf
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
     max_new_tokens: int = 16
@@ -231,7 +236,34 @@ class EvalConfig:
     max_retries: int = 1
 
     def __post_init__(self) -> None:
-        _check(self.engine in ("vllm", "hf"), "eval.engine", self.engine, "vllm or hf")
+        _check(self.engine in ("auto", "vllm", "hf"), "eval.engine", self.engine, "auto, vllm or hf")
+
+
+@dataclass
+class TuneConfig:
+    """Optional LoRA instruction tuning of every checkpoint before evaluation (group `tune/`)."""
+
+    method: str = "none"  # none | lora
+    data: str | None = None  # jsonl with prompt, completion; None = the sweep's prompt/completion samples
+    max_examples: int = 0  # 0 = all
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    rank: int = 32
+    alpha: int = 64
+    dropout: float = 0.05
+    lr: float = 5e-5
+    epochs: int = 3
+    batch_size: int = 8
+    max_length: int = 512
+    seed: int = 0
+    num_actors: int = 1
+    num_gpus: float = -1  # per actor; -1 = 1 when the cluster has GPUs, else 0
+    num_cpus: float = 1
+    max_retries: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("none", "lora"), "tune.method", self.method, "none or lora")
+        _check(self.rank > 0, "tune.rank", self.rank, "> 0")
+        _check(self.epochs > 0, "tune.epochs", self.epochs, "> 0")
 
 
 @dataclass
@@ -239,6 +271,7 @@ class AnalysisConfig:
     group_map: dict[str, str] = field(default_factory=dict)  # training group -> benchmark group
     sample_set: str = "memorized"  # memorized | all
     min_rise: float = 0.1  # accuracy onset: the rise that counts as generalization
+    memorized_accuracy: float = 0.99  # train accuracy at which a group counts as memorized
 
     def __post_init__(self) -> None:
         _check(self.sample_set in ("memorized", "all"), "analysis.sample_set", self.sample_set,
@@ -255,13 +288,13 @@ class ClusterConfig:
     sync_uri: str | None = None  # fsspec URL the run dir is copied to after each stage
 
 
-STAGES = ("all", "record", "reduce", "evaluate", "analyze", "report")
+STAGES = ("all", "record", "reduce", "tune", "evaluate", "analyze", "report")
 
 
 @dataclass
 class MonitorConfig:
     run_dir: str = MISSING
-    stage: str = "all"  # all | record | reduce | evaluate | analyze | report
+    stage: str = "all"  # all | record | reduce | tune | evaluate | analyze | report
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
@@ -269,11 +302,40 @@ class MonitorConfig:
     record: RecordConfig = field(default_factory=RecordConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         _check(self.stage in STAGES, "stage", self.stage, f"one of {STAGES}")
+
+
+# --------------------------------------------------------------------------- study
+
+
+@dataclass
+class StudyVariantConfig:
+    name: str = MISSING
+    seeds: list[int] = field(default_factory=lambda: [0])
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted pretrain_toy keys
+
+
+@dataclass
+class StudyConfig:
+    """Toy-zoo variants trained and swept end to end (jobs/study.py)."""
+
+    out_dir: str = "runs/study"
+    zoo_dir: str = "zoo/study"
+    progress: bool = True
+    base: PretrainToyConfig = field(default_factory=PretrainToyConfig)
+    variants: list[StudyVariantConfig] = field(default_factory=list)
+    thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8])
+    sample_sets: list[str] = field(default_factory=lambda: ["memorized", "all"])
+    samples_per_group: int = 100
+    eval_engine: str = "hf"
+    eval_items: int = 600
+    best_variant_seeds: list[int] = field(default_factory=lambda: [1, 2])
+    target: float = 0.95
 
 
 # --------------------------------------------------------------------------- registration
@@ -286,3 +348,4 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="pretrain_toy_schema", node=PretrainToyConfig)
     cs.store(name="monitor_schema", node=MonitorConfig)
+    cs.store(name="study_schema", node=StudyConfig)

@@ -100,7 +100,7 @@ def consistency(g_LE: np.ndarray, routers_LED: np.ndarray) -> tuple[float, float
 
 VARIANT_COLUMNS = ["pathway", "pathway_str", "layer_pathways", "pathway_length", "mean_cos", "consistency"]
 SAMPLE_COLUMNS = [
-    "checkpoint", "step", "sample_id", "group", "loss", "pathway", "pathway_str",
+    "checkpoint", "step", "sample_id", "group", "loss", "token_accuracy", "pathway", "pathway_str",
     "layer_pathways", "pathway_length", "mean_cos", "consistency",
 ]
 
@@ -147,8 +147,10 @@ def sample_features(
                 c_value,
             )
         )
-    features = pd.DataFrame(rows, columns=SAMPLE_COLUMNS[5:])
+    features = pd.DataFrame(rows, columns=SAMPLE_COLUMNS[6:])
     meta = table.select(["checkpoint", "step", "sample_id", "group", "loss"]).to_pandas()
+    meta["token_accuracy"] = (table["token_accuracy"].to_numpy() if "token_accuracy" in table.column_names
+                              else np.nan)
     return pd.concat([meta, features], axis=1)[SAMPLE_COLUMNS]
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import yaml
 
-from moegrok.store import RunDir  # noqa: E402
+from moegrok.store import RunDir
 
 # Paper Table 1 (Pearson/Spearman with test accuracy after the sustained rise)
 PAPER_VALUES = {"pathway_distance": "-0.93 .. -0.98", "consistency": "+0.92 .. +0.99", "loss_mean": "-0.07 .. +0.79"}
@@ -34,7 +34,8 @@ def _png(fig, path: Path) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
 def _curves_figure(group: str, curve: pd.DataFrame, onset_row: pd.Series | None, metrics: list[str]):
@@ -84,28 +85,87 @@ def _med_figure(train_log: pd.DataFrame, metrics: pd.DataFrame):
     return fig
 
 
+def _routing_section(run: RunDir, onsets: pd.DataFrame | None) -> list[str]:
+    """The OLMoE paper's routing analyses: saturation and vocabulary specialization vs step per
+    layer, co-activation heatmaps (first/middle/last layer), domain specialization per group."""
+    layers = _read(run.root / "routing_analyses.parquet")
+    if layers is None or layers.empty:
+        return []
+    parts = ["<h2>Routing analyses (OLMoE paper)</h2><p>All groups' tokens; dashed lines: generalization "
+             "onsets per group. Saturation is measured against the last checkpoint.</p>"]
+    everything = layers[layers["group"] == "*"]
+    columns = [c for c in ("saturation", "top1_agreement", "vocab_specialization", "load_entropy")
+               if everything[c].notna().any()]
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.6 * len(columns), 3), squeeze=False)
+    for ax, column in zip(axes[0], columns, strict=True):
+        for layer, rows in everything.groupby("layer"):
+            ax.plot(rows["step"], rows[column], marker="o", ms=2, label=f"layer {layer}")
+        if onsets is not None:
+            for value in onsets["generalization_onset"].dropna().unique():
+                ax.axvline(value, color="gray", ls="--", lw=1)
+        ax.set_title(column, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    parts.append(_png(fig, run.figures / "routing_vs_step.png"))
+    coactivation = _read(run.root / "coactivation.parquet")
+    if coactivation is not None and len(coactivation):
+        shown = sorted({0, coactivation["layer"].max() // 2, coactivation["layer"].max()})
+        fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.2), squeeze=False)
+        for ax, layer in zip(axes[0], shown, strict=True):
+            matrix = coactivation[coactivation["layer"] == layer].pivot(
+                index="expert_a", columns="expert_b", values="probability")
+            top = matrix.max(axis=1).sort_values(ascending=False).index[:16]  # most co-activated experts
+            image = ax.imshow(matrix.loc[top, top], cmap="viridis", vmin=0, vmax=1)
+            ax.set_xticks(range(len(top)), top, fontsize=6)
+            ax.set_yticks(range(len(top)), top, fontsize=6)
+            ax.set_title(f"layer {layer}: P(b | a)", fontsize=9)
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+        parts.append(_png(fig, run.figures / "coactivation.png"))
+    specialization = _read(run.root / "domain_specialization.parquet")
+    if specialization is not None and len(specialization):
+        groups = specialization[specialization["group"] != "*"]
+        last_layer = groups["layer"].max()
+        fig, ax = plt.subplots(figsize=(8, 3))
+        rows = groups[groups["layer"] == last_layer].pivot(index="expert", columns="group", values="ratio")
+        rows.plot.bar(ax=ax, width=0.8)
+        ax.axhline(1.0, color="gray", lw=1)
+        ax.set_title(f"domain specialization, last layer ({last_layer}), last checkpoint (1.0 = uniform)", fontsize=9)
+        parts.append(_png(fig, run.figures / "domain_specialization.png"))
+    return parts
+
+
 def _table(frame: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
     return frame.to_html(index=False, float_format=lambda x: floatfmt.format(x), na_rep="–", border=0,
                          classes="t", escape=True)
 
 
-def verdicts(correlations: pd.DataFrame) -> list[str]:
-    """Plain statements: does a pathway metric track accuracy better than the training loss?"""
+VERDICT_METRICS = ("pathway_distance", "pathway_distance_answer", "mean_cos", "mean_cos_answer", "consistency")
+
+
+def verdicts(correlations: pd.DataFrame, onsets: pd.DataFrame | None = None) -> list[str]:
+    """Plain statements per group, for fixed metrics (the primary distance, the bounded and the
+    paper's consistency; answer-position variants when recorded) -- never the best of many."""
     lines = []
-    window = correlations[(correlations["window"] == SUMMARY_WINDOW) & ~correlations["is_baseline"]]
+    window = correlations[correlations["window"] == SUMMARY_WINDOW]
+    generalized = {} if onsets is None else dict(zip(zip(onsets["group"], onsets["benchmark"], strict=True),
+                                                     onsets["generalization_onset"].notna(), strict=True))
     for (group, benchmark), rows in window.groupby(["group", "benchmark"]):
-        pathway = rows[rows["metric"].str.startswith(("pathway_distance", "mean_cos", "consistency"))]
-        pathway = pathway.dropna(subset=["spearman"])
-        if pathway.empty:
+        by_metric = rows.set_index("metric")
+        if not generalized.get((group, benchmark), True):
+            lines.append(f"{group} ({benchmark}): accuracy never rises {SUMMARY_WINDOW.replace('_', '-')}: "
+                         "no generalization to track; its correlations are noise.")
             continue
-        best = pathway.loc[pathway["spearman"].abs().idxmax()]
-        loss = best["loss_spearman"]
-        better = np.isfinite(loss) and abs(best["spearman"]) > abs(loss)
+        shown = [m for m in VERDICT_METRICS if m in by_metric.index]
+        if not shown:
+            continue
+        first = by_metric.loc[shown[0]]
+        parts = ", ".join(f"{m} {by_metric.loc[m, 'spearman']:+.2f}" for m in shown)
+        beating = [m for m in shown if bool(by_metric.loc[m, "beats_baselines"])]
         lines.append(
-            f"{group} ({benchmark}): best pathway metric {best['metric']} |Spearman| {abs(best['spearman']):.2f} "
-            f"vs training loss {abs(loss):.2f} and step {abs(best['step_spearman']):.2f} after memorization "
-            f"(n={int(best['n'])}): {'tracks accuracy better than the loss' if better else 'does NOT beat the loss'}"
-            f"; beats both baselines incl. detrended: {'yes' if bool(best['beats_baselines']) else 'no'}."
+            f"{group} ({benchmark}), n={int(first['n'])} checkpoints after memorization: Spearman {parts}; "
+            f"baselines: step {first['step_spearman']:+.2f}, training loss {first['loss_spearman']:+.2f}. "
+            f"Beats both baselines (raw and detrended): {', '.join(beating) if beating else 'none'}."
         )
     return lines
 
@@ -139,18 +199,24 @@ def write_report(run_dir: str | Path) -> Path:
         parts.append(f"<p>Groups generalize asynchronously: <b>{'yes' if asynchronous_groups(onsets) else 'no'}</b> "
                      "(distinct generalization onsets).</p>")
     if correlations is not None and len(correlations):
-        parts.append("<h2>Verdict</h2><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in verdicts(correlations))
+        lines = verdicts(correlations, onsets)
+        parts.append("<h2>Verdict</h2><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in lines)
                      + "</ul><p>* in the table below: beats both trivial baselines (step, training loss) on the "
                      "raw and the detrended (partial, controlling for step) Spearman.</p>")
         parts.append(f"<h3>Spearman with accuracy after memorization</h3>{_table(summary_table(correlations))}")
 
     figure_dir = run.figures
-    if metrics is not None and accuracy is not None and correlations is not None and len(correlations):
-        sample_set = correlations["sample_set"].iloc[0]
+    if metrics is not None:
+        sample_set = (config.get("analysis") or {}).get("sample_set", "memorized")
         from moegrok.analysis import join_accuracy
 
         group_map = (config.get("analysis") or {}).get("group_map") or {}
-        joined = join_accuracy(metrics, accuracy, sample_set=sample_set, group_map=group_map)
+        if accuracy is not None:
+            joined = join_accuracy(metrics, accuracy, sample_set=sample_set, group_map=group_map)
+        else:  # no evaluation: metric curves alone
+            joined = metrics[metrics["sample_set"] == sample_set].assign(benchmark="none", accuracy=np.nan)
+        correlations = correlations if correlations is not None else pd.DataFrame(
+            columns=["group", "benchmark", "metric", "window", "spearman"])
         curve_metrics = [m for m in CURVE_METRICS if m in joined and joined[m].notna().any()]
         parts.append(f"<h2>Curves per group</h2><p>sample set: {html.escape(sample_set)}</p>")
         for (group, benchmark), curve in joined.groupby(["group", "benchmark"], sort=True):
@@ -168,7 +234,10 @@ def write_report(run_dir: str | Path) -> Path:
     train_log_path = Path((config.get("checkpoints") or {}).get("dir") or "__none__") / "train_log.parquet"
     if metrics is not None and train_log_path.exists() and metrics["med"].notna().any():
         parts.append("<h2>Embedding progress measure (toy zoo)</h2>")
-        parts.append(_png(_med_figure(pd.read_parquet(train_log_path), metrics), figure_dir / "med_vs_heldout_loss.png"))
+        figure = _med_figure(pd.read_parquet(train_log_path), metrics)
+        parts.append(_png(figure, figure_dir / "med_vs_heldout_loss.png"))
+
+    parts += _routing_section(run, onsets)
 
     if correlations is not None and len(correlations):
         table = correlations.copy()
@@ -180,6 +249,8 @@ def write_report(run_dir: str | Path) -> Path:
                      "<code>loss_mean</code> (training loss). Paper values: Table 1 of arXiv 2506.21551, "
                      "after the sustained rise.</p>")
         parts.append(_table(table[columns]))
+    if correlations is not None and len(correlations) == 0:
+        parts.append("<p>No correlations: evaluation was off or too few checkpoints.</p>")
     parts.append("<h2>Failures</h2>" + (_table(failures) if failures is not None and len(failures) else "<p>none</p>"))
     parts.append(f"<h2>Config</h2><pre>{html.escape(config_text)}</pre>")
 

@@ -130,7 +130,7 @@ class RoutingRecorder:
         input_ids_BT = torch.zeros(len(samples), num_tokens_max, dtype=torch.long)
         attention_mask_BT = torch.zeros_like(input_ids_BT)
         for b, s in enumerate(samples):
-            input_ids_BT[b, : lengths[b]] = torch.from_numpy(s.input_ids)
+            input_ids_BT[b, : lengths[b]] = torch.tensor(s.input_ids)  # a copy: Ray hands out read-only arrays
             attention_mask_BT[b, : lengths[b]] = 1
         input_ids_BT, attention_mask_BT = input_ids_BT.to(self.device), attention_mask_BT.to(self.device)
 
@@ -142,15 +142,16 @@ class RoutingRecorder:
         ids_LBTK = torch.stack([ids.view(len(samples), num_tokens_max, -1) for ids, _ in self._captured])
         weights_LBTK = torch.stack([w.view(len(samples), num_tokens_max, -1) for _, w in self._captured])
 
-        loss_B = self._sample_losses(hidden_BTD, input_ids_BT, samples)
+        loss_B, accuracy_B = self._sample_losses(hidden_BTD, input_ids_BT, samples)
         ids_LBTK, weights_LBTK = ids_LBTK.to(torch.int16).cpu(), weights_LBTK.to(torch.float16).cpu()
         return [
             (ids_LBTK[:, b, :n].reshape(-1).numpy(), weights_LBTK[:, b, :n].reshape(-1).numpy())
             for b, n in enumerate(lengths)
-        ], loss_B.cpu().numpy()
+        ], loss_B.cpu().numpy(), accuracy_B.cpu().numpy()
 
-    def _sample_losses(self, hidden_BTD, input_ids_BT, samples) -> torch.Tensor:
-        """Mean NLL of each sample's scored tokens; logits only for scored positions, chunked."""
+    def _sample_losses(self, hidden_BTD, input_ids_BT, samples) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean NLL and greedy (argmax) accuracy of each sample's scored tokens; vocabulary logits
+        only for scored positions, in chunks."""
         rows, cols = [], []
         for b, s in enumerate(samples):
             positions = torch.arange(s.num_prompt_tokens - 1, len(s.input_ids) - 1)
@@ -160,15 +161,16 @@ class RoutingRecorder:
         targets_N = input_ids_BT[rows_N, cols_N + 1]
         lm_head = self.model.get_output_embeddings()
         nll_N = torch.empty(len(rows_N), dtype=torch.float32, device=self.device)
+        correct_N = torch.empty_like(nll_N)
         for start in range(0, len(rows_N), self.loss_chunk_tokens):
             chunk = slice(start, start + self.loss_chunk_tokens)
             logits_NV = lm_head(hidden_BTD[rows_N[chunk], cols_N[chunk]]).float()
             nll_N[chunk] = F.cross_entropy(logits_NV, targets_N[chunk], reduction="none")
-        total_B = torch.zeros(len(samples), dtype=torch.float32, device=self.device)
-        count_B = torch.zeros_like(total_B)
-        total_B.index_add_(0, rows_N, nll_N)
+            correct_N[chunk] = (logits_NV.argmax(-1) == targets_N[chunk]).float()
+        count_B = torch.zeros(len(samples), dtype=torch.float32, device=self.device)
         count_B.index_add_(0, rows_N, torch.ones_like(nll_N))
-        return total_B / count_B
+        loss_B = torch.zeros_like(count_B).index_add_(0, rows_N, nll_N) / count_B
+        return loss_B, torch.zeros_like(count_B).index_add_(0, rows_N, correct_N) / count_B
 
     def record(self, samples: Sequence[TokenizedSample], *, checkpoint: str, step: int) -> pa.Table:
         """The routing table of `samples` (rows in the given order)."""
@@ -176,17 +178,18 @@ class RoutingRecorder:
         try:
             routing: list = [None] * len(samples)
             losses = np.zeros(len(samples), dtype=np.float32)
+            accuracy = np.zeros(len(samples), dtype=np.float32)
             batches = length_buckets([len(s.input_ids) for s in samples],
                                      max_tokens_per_batch=self.max_tokens_per_batch)
             for batch in batches:
-                per_sample, loss_B = self._record_batch([samples[i] for i in batch])
-                for i, result, loss in zip(batch, per_sample, loss_B, strict=True):
-                    routing[i], losses[i] = result, loss
+                per_sample, loss_B, accuracy_B = self._record_batch([samples[i] for i in batch])
+                for position, i in enumerate(batch):
+                    routing[i], losses[i], accuracy[i] = per_sample[position], loss_B[position], accuracy_B[position]
         finally:
             for handle in handles:
                 handle.remove()
         table = routing_table(samples, routing, losses, checkpoint=checkpoint, step=step,
-                              keep_input_ids=self.keep_input_ids)
+                              keep_input_ids=self.keep_input_ids, token_accuracy=accuracy)
         shape = {"num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k}
         return table.replace_schema_metadata({k: str(v) for k, v in shape.items()})
 
@@ -198,8 +201,11 @@ def _list_array(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArr
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
 
 
-def routing_table(samples, routing, losses, *, checkpoint: str, step: int, keep_input_ids: bool):
+def routing_table(samples, routing, losses, *, checkpoint: str, step: int, keep_input_ids: bool,
+                  token_accuracy=None):
     num_rows = len(samples)
+    if token_accuracy is None:
+        token_accuracy = np.full(num_rows, np.nan, dtype=np.float32)
     columns = {
         "checkpoint": pa.array([checkpoint] * num_rows, pa.string()),
         "step": pa.array([step] * num_rows, pa.int64()),
@@ -210,6 +216,7 @@ def routing_table(samples, routing, losses, *, checkpoint: str, step: int, keep_
         "topk_ids": _list_array([ids for ids, _ in routing], pa.int16()),
         "topk_weights": _list_array([w for _, w in routing], pa.float16()),
         "loss": pa.array(losses, pa.float32()),
+        "token_accuracy": pa.array(token_accuracy, pa.float32()),
     }
     schema = ROUTING_SCHEMA
     if keep_input_ids:

@@ -183,7 +183,7 @@ def select_memorized(
     last_step = losses["step"].max()
     parts = []
     for group, part in losses.groupby("group", sort=True):
-        num_grid = int(round(max_eps / eps_grid_step))
+        num_grid = round(max_eps / eps_grid_step)
         grid = [eps] if eps is not None else [round(k * eps_grid_step, 10) for k in range(1, num_grid + 1)]
         for candidate in grid:
             since = memorized_since(part, eps=float(candidate), delta=delta)

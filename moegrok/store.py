@@ -60,6 +60,7 @@ ROUTING_SCHEMA = pa.schema(
         pa.field("topk_ids", pa.list_(pa.int16())),  # L*T*K, layer-major, router order
         pa.field("topk_weights", pa.list_(pa.float16())),  # matching router weights
         pa.field("loss", pa.float32()),  # mean next-token NLL on the scored tokens
+        pa.field("token_accuracy", pa.float32()),  # share of scored tokens that are the greedy argmax
     ]
 )
 """One row per sample per checkpoint. An optional `input_ids` column (list<int32>, length T)

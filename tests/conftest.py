@@ -79,3 +79,47 @@ def save_tiny_moe(family: str, path, *, seed: int = 0):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster with small resources, shared by the session."""
+    import ray
+
+    from moegrok.config import ClusterConfig
+    from moegrok.pipeline.cluster import init_ray
+
+    init_ray(ClusterConfig(num_cpus=2, num_gpus=0))
+    yield
+    ray.shutdown()
+
+
+def monitor_config(zoo, run_dir, **overrides):
+    """A MonitorConfig for the tiny zoo (HF engine unless overridden)."""
+    from moegrok.config import (
+        BenchmarkConfig,
+        CheckpointsConfig,
+        EvalConfig,
+        ModelConfig,
+        MonitorConfig,
+        RecordConfig,
+        SamplesConfig,
+    )
+
+    cfg = MonitorConfig(
+        run_dir=str(run_dir),
+        progress=False,
+        model=ModelConfig(attn_implementation="eager", residue_tokens=11),
+        checkpoints=CheckpointsConfig(dir=str(zoo)),
+        samples=SamplesConfig(paths=[str(zoo / "samples.jsonl")], max_per_group=20, shard_size=16, max_tokens=32),
+        record=RecordConfig(num_actors=1, max_retries=0),
+        eval=EvalConfig(benchmarks=[BenchmarkConfig("heldout", str(zoo / "benchmark.jsonl"))], engine="hf",
+                        max_new_tokens=2, max_items=40, max_retries=0),
+    )
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        if name:
+            setattr(getattr(cfg, section), name, value)
+        else:
+            setattr(cfg, section, value)
+    return cfg

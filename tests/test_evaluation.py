@@ -37,7 +37,8 @@ def write_jsonl(path, records):
 
 def test_jsonl_benchmark_errors_name_file_and_line(tmp_path):
     good = {"id": "1", "group": "g", "kind": "exact", "prompt": "1 + 1 =", "answer": "2"}
-    assert load_benchmark(write_jsonl(tmp_path / "b.jsonl", [good]))[0] == Item("1", "g", "exact", "1 + 1 =", answer="2")
+    expected = Item("1", "g", "exact", "1 + 1 =", answer="2")
+    assert load_benchmark(write_jsonl(tmp_path / "b.jsonl", [good]))[0] == expected
     cases = [
         ({**good, "kind": "essay"}, r"b.jsonl:2: kind='essay'"),
         ({**good, "kind": "choice", "choices": ["a"], "label": 0}, r"b.jsonl:2: a choice item needs"),

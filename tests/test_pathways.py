@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import numpy as np
@@ -29,7 +30,8 @@ def random_routes(rng, count, *, num_layers=4, num_experts=8, top_k=2, max_token
         num_tokens = int(rng.integers(2, max_tokens))
         ids = np.stack([[rng.choice(num_experts, top_k, replace=False) for _ in range(num_tokens)]
                         for _ in range(num_layers)])
-        weights = np.sort(rng.dirichlet(np.ones(top_k + 2), size=(num_layers, num_tokens))[..., :top_k], axis=-1)[..., ::-1]
+        weights = rng.dirichlet(np.ones(top_k + 2), size=(num_layers, num_tokens))[..., :top_k]
+        weights = np.sort(weights, axis=-1)[..., ::-1]
         routes.append((ids, weights.astype(np.float16).astype(np.float64)))
     return routes
 
@@ -78,7 +80,7 @@ def ref_consistency(means, routers):
         embeddings.append([sum(mean.get(e, 0.0) * routers[layer][e][d] for e in range(len(routers[layer])))
                            for d in range(len(routers[layer][0]))])
     cosines = []
-    for a, b in zip(embeddings, embeddings[1:], strict=False):
+    for a, b in itertools.pairwise(embeddings):
         dot = sum(x * y for x, y in zip(a, b, strict=True))
         cosines.append(dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))))
     return sum(cosines) / len(cosines), 1 - sum(c / (max(cosines) + 1e-8) for c in cosines) / len(cosines)

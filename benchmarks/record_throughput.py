@@ -1,0 +1,128 @@
+"""Routing-recorder throughput vs the plain HF baseline, measured in the same run.
+
+    python benchmarks/record_throughput.py [--zoo zoo/default] [--samples 2000]
+    python benchmarks/record_throughput.py --gpu     # OLMoE-1B-7B-shaped random bf16 model on CUDA
+
+Baseline: `model(..., output_router_logits=True)` on fixed-size padded batches, softmax + top-k
+of every layer's router logits, per-sample loss from the full logits (the obvious HF way).
+moegrok: RoutingRecorder (router hooks, length-bucketed batches, logits only at scored
+positions, chunked). Both produce the same ids and losses; the script checks that.
+"""
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moegrok.routing import RoutingRecorder
+from moegrok.samples import TokenizedSample
+
+
+def baseline(model, samples, *, batch_size: int):
+    """Plain HF: padded batches in input order, full logits, router logits for every layer."""
+    k = model.config.num_experts_per_tok
+    device = next(model.parameters()).device
+    losses, ids = [], []
+    with torch.no_grad():
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start : start + batch_size]
+            width = max(len(s.input_ids) for s in batch)
+            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for b, s in enumerate(batch):
+                input_ids[b, : len(s.input_ids)] = torch.from_numpy(s.input_ids)
+                mask[b, : len(s.input_ids)] = 1
+            out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_router_logits=True)
+            topk = [F.softmax(layer.float(), -1).topk(k, -1).indices.view(len(batch), width, k)
+                    for layer in out.router_logits]
+            logprobs = F.log_softmax(out.logits.float(), -1)
+            for b, s in enumerate(batch):
+                n = len(s.input_ids)
+                targets = input_ids[b, s.num_prompt_tokens : n].to(device)
+                positions = torch.arange(s.num_prompt_tokens - 1, n - 1, device=device)
+                losses.append(float(-logprobs[b, positions, targets].mean()))
+                ids.append(torch.stack([t[b, :n] for t in topk]).cpu())
+    return losses, ids
+
+
+def variable_length_samples(tokenizer_size: int, num: int, *, max_len: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [TokenizedSample(f"s{i}", "g", np.concatenate([[1], rng.integers(4, tokenizer_size, int(n) - 1)]), 1)
+            for i, n in enumerate(rng.integers(4, max_len + 1, size=num))]
+
+
+def measure(model, samples, *, batch_size: int, max_tokens_per_batch: int, repeats: int = 3):
+    num_tokens = sum(len(s.input_ids) for s in samples)
+    recorder = RoutingRecorder(model, max_tokens_per_batch=max_tokens_per_batch)
+    recorder.record(samples[:8], checkpoint="warm", step=0)
+    baseline(model, samples[:8], batch_size=batch_size)
+    best_ours = best_base = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        table = recorder.record(samples, checkpoint="c", step=0)
+        best_ours = min(best_ours, time.perf_counter() - start)
+        start = time.perf_counter()
+        losses, _ = baseline(model, samples, batch_size=batch_size)
+        best_base = min(best_base, time.perf_counter() - start)
+    np.testing.assert_allclose(table["loss"].to_numpy(), losses, rtol=2e-3, atol=2e-3)
+    return num_tokens / best_ours, num_tokens / best_base
+
+
+def cpu_toy(args) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from moegrok.samples import read_samples, tokenize_samples
+
+    steps = sorted(int(p.name[4:]) for p in args.zoo.glob("step*"))
+    path = args.zoo / f"step{steps[-1]}"
+    torch.set_num_threads(args.threads)
+    zoo_samples = read_samples(args.zoo / "samples.jsonl").head(args.samples)
+    settings = (("HF defaults (sdpa)", "sdpa", None), ("toy settings (eager attn, grouped_mm)", "eager", "grouped_mm"))
+    for label, attn, experts in settings:
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn).eval()
+        if experts:
+            model.set_experts_implementation(experts)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        sets = {"toy samples (5-9 tokens)": tokenize_samples(zoo_samples, tokenizer, max_tokens=32),
+                "variable length 4-32 tokens": variable_length_samples(len(tokenizer), args.samples, max_len=32)}
+        for name, samples in sets.items():
+            ours, base = measure(model, samples, batch_size=args.batch_size, max_tokens_per_batch=args.batch_size * 32)
+            print(f"[{label}] {name}: recorder {ours:10,.0f} tok/s   HF baseline {base:10,.0f} tok/s   "
+                  f"ratio {ours / base:.2f}x (target >= 2x)")
+
+
+def gpu_olmoe(args) -> None:
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    assert torch.cuda.is_available(), "--gpu needs CUDA"
+    config = OlmoeConfig(hidden_size=2048, num_hidden_layers=16, num_experts=64, num_experts_per_tok=8,
+                         intermediate_size=1024, vocab_size=50304, num_attention_heads=16)
+    with torch.device("cuda"):
+        model = OlmoeForCausalLM(config).to(torch.bfloat16).eval()
+    samples = variable_length_samples(50304, args.samples, max_len=1024)
+    active_params = 1.3e9
+    for impl in ("eager", "grouped_mm"):
+        model.set_experts_implementation(impl)
+        torch.cuda.reset_peak_memory_stats()
+        ours, base = measure(model, samples, batch_size=16, max_tokens_per_batch=65536, repeats=2)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        mfu = ours * 2 * active_params / 989e12
+        print(f"[experts={impl}] recorder {ours:,.0f} tok/s (MFU {mfu:.1%})  HF baseline {base:,.0f} tok/s  "
+              f"ratio {ours / base:.2f}x  peak {peak:.1f} GiB")
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--zoo", type=Path, default=Path("zoo/default"))
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gpu", action="store_true")
+    args = parser.parse_args()
+    gpu_olmoe(args) if args.gpu else cpu_toy(args)

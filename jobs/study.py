@@ -1,0 +1,26 @@
+"""The science study: toy-zoo variants trained and swept end to end, pathway metrics against
+the trivial baselines. Resumable: finished zoos and sweep units are skipped.
+
+    python jobs/study.py                               # the full design (~90 min on 2 cores)
+    python jobs/study.py --config-name study_smoke     # 2 tiny variants (CI)
+"""
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from moegrok.config import StudyConfig, register_configs
+from moegrok.study import run_study, summary_table
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="study", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    config: StudyConfig = OmegaConf.to_object(cfg)
+    study = run_study(config)
+    print(summary_table(study, config.target).to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    print(f"study.parquet and study.html in {config.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The OLMoE paper's routing analyses over moegrok routing tables (vectorized, no Ray).
+
+* Router saturation: share of a checkpoint's top-k experts that are also in a reference
+  (usually the final) checkpoint's top-k for the same token, and top-1 agreement, per layer.
+* Expert co-activation: P(b selected | a selected) over all pairs in a token's top-k.
+  `coactivation_adjacent` counts only neighbours in the top-k list sorted by weight, the form of
+  allenai/OLMoE `scripts/run_moe_analysis.py`, under its own name.
+* Domain specialization: an expert's share of a group's tokens (tokens that select it) divided
+  by the uniform share k/E; 1.0 = no specialization.
+* Vocabulary specialization: per input token id seen at least `min_count` times, the share of
+  its occurrences routed (top-1) to its most frequent expert, averaged over token ids.
+* Load balance: entropy of expert usage (normalized by log E) and max/mean load.
+
+Inputs are token-major arrays built by `token_arrays`: ids_LNK (layers, tokens, k) in router
+order. Token order is the table's sample order, then position, so two checkpoints recorded on
+the same samples line up token by token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+def token_arrays(table: pa.Table, *, num_layers: int, top_k: int, with_input_ids: bool = False):
+    """(sample_ids, group per token, ids_LNK, input_ids_N or None) from a routing table."""
+    ids_col = table["topk_ids"].combine_chunks()
+    ids_flat = ids_col.flatten().to_numpy()
+    offsets = ids_col.offsets.to_numpy() - ids_col.offsets.to_numpy()[0]
+    num_tokens = table["num_tokens"].to_numpy()
+    parts = [ids_flat[offsets[i] : offsets[i + 1]].reshape(num_layers, num_tokens[i], top_k)
+             for i in range(table.num_rows)]
+    ids_LNK = np.concatenate(parts, axis=1) if parts else np.zeros((num_layers, 0, top_k), np.int16)
+    groups_N = np.repeat(np.asarray(table["group"].to_pylist(), dtype=object), num_tokens)
+    input_ids_N = None
+    if with_input_ids:
+        if "input_ids" not in table.column_names:
+            raise ValueError("vocabulary specialization needs the input_ids column: set record.keep_input_ids=true")
+        input_ids_N = table["input_ids"].combine_chunks().flatten().to_numpy()
+    return table["sample_id"].to_pylist(), groups_N, ids_LNK, input_ids_N
+
+
+def router_saturation(ids_LNK: np.ndarray, reference_LNK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: mean share of top-k ids also in the reference's top-k, and top-1 agreement."""
+    if ids_LNK.shape != reference_LNK.shape:
+        raise ValueError(f"tokens do not line up: {ids_LNK.shape} vs reference {reference_LNK.shape}")
+    shared_LNK = (ids_LNK[..., :, None] == reference_LNK[..., None, :]).any(-1)
+    return shared_LNK.mean(axis=(1, 2)), (ids_LNK[..., 0] == reference_LNK[..., 0]).mean(axis=1)
+
+
+def expert_counts(ids_LNK: np.ndarray, num_experts: int) -> np.ndarray:
+    """(L, E) number of tokens selecting each expert (any top-k slot)."""
+    num_layers = ids_LNK.shape[0]
+    flat = (ids_LNK.astype(np.int64) + num_experts * np.arange(num_layers)[:, None, None]).ravel()
+    return np.bincount(flat, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+
+
+def coactivation_counts(ids_LNK: np.ndarray, num_experts: int, *, adjacent: bool = False) -> np.ndarray:
+    """(L, E, E) counts of tokens where a and b are both selected (a != b); with `adjacent`,
+    only pairs that are neighbours in the weight-sorted top-k list (both directions)."""
+    num_layers, _, k = ids_LNK.shape
+    ids = ids_LNK.astype(np.int64)
+    if adjacent:
+        pairs = [(j, j + 1) for j in range(k - 1)] + [(j + 1, j) for j in range(k - 1)]
+    else:
+        pairs = [(i, j) for i in range(k) for j in range(k) if i != j]
+    layer_offset = np.arange(num_layers)[:, None] * num_experts * num_experts
+    counts = np.zeros(num_layers * num_experts * num_experts, dtype=np.int64)
+    for i, j in pairs:
+        index = layer_offset + ids[:, :, i] * num_experts + ids[:, :, j]
+        counts += np.bincount(index.ravel(), minlength=counts.size)
+    return counts.reshape(num_layers, num_experts, num_experts)
+
+
+def coactivation(ids_LNK: np.ndarray, num_experts: int, *, adjacent: bool = False) -> np.ndarray:
+    """(L, E, E) P(b selected | a selected), rows a; 0 where a is never selected."""
+    pair_counts = coactivation_counts(ids_LNK, num_experts, adjacent=adjacent)
+    selected = expert_counts(ids_LNK, num_experts)[:, :, None]
+    return np.divide(pair_counts, selected, out=np.zeros(pair_counts.shape), where=selected > 0)
+
+
+def domain_specialization(ids_LNK: np.ndarray, num_experts: int) -> np.ndarray:
+    """(L, E) share of these tokens that select each expert, relative to the uniform k/E."""
+    num_tokens, k = ids_LNK.shape[1], ids_LNK.shape[2]
+    if num_tokens == 0:
+        return np.full((ids_LNK.shape[0], num_experts), np.nan)
+    return expert_counts(ids_LNK, num_experts) / num_tokens / (k / num_experts)
+
+
+def vocabulary_specialization(ids_LNK: np.ndarray, input_ids_N: np.ndarray, num_experts: int, *,
+                              min_count: int = 10) -> np.ndarray:
+    """(L,) mean over token ids seen >= min_count times of the share of their occurrences whose
+    top-1 expert is the id's most frequent top-1 expert (NaN if no id is frequent enough)."""
+    vocab, inverse = np.unique(input_ids_N, return_inverse=True)
+    out = np.full(ids_LNK.shape[0], np.nan)
+    for layer, top1_N in enumerate(ids_LNK[..., 0].astype(np.int64)):
+        counts_VE = np.bincount(inverse * num_experts + top1_N, minlength=len(vocab) * num_experts)
+        counts_VE = counts_VE.reshape(len(vocab), num_experts)
+        totals = counts_VE.sum(axis=1)
+        frequent = totals >= min_count
+        if frequent.any():
+            out[layer] = float((counts_VE[frequent].max(axis=1) / totals[frequent]).mean())
+    return out
+
+
+def load_balance(ids_LNK: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: entropy of expert usage / log(E) (1 = perfectly balanced), and max/mean load."""
+    counts = expert_counts(ids_LNK, num_experts).astype(np.float64)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    entropy = -np.sum(np.where(share > 0, share * np.log(np.where(share > 0, share, 1)), 0.0), axis=1)
+    return entropy / np.log(num_experts), counts.max(axis=1) / np.maximum(counts.mean(axis=1), 1e-12)
+
+
+# --------------------------------------------------------------------------- sweep aggregation
+
+
+def shard_statistics(table: pa.Table, reference: pa.Table | None, *, num_layers: int, num_experts: int,
+                     top_k: int, with_coactivation: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """Additive statistics of one routing shard per group (and "*" for all groups), so that a
+    sweep can sum them over shards before `finalize_statistics`. `reference` is the same shard
+    recorded on the reference checkpoint (None: no saturation)."""
+    with_vocab = "input_ids" in table.column_names
+    sample_ids, groups_N, ids_LNK, input_ids_N = token_arrays(table, num_layers=num_layers, top_k=top_k,
+                                                              with_input_ids=with_vocab)
+    ref_LNK = None
+    if reference is not None:
+        ref_ids, _, ref_LNK, _ = token_arrays(reference, num_layers=num_layers, top_k=top_k)
+        if ref_ids != sample_ids:
+            raise ValueError("reference shard holds other samples (or another order); tokens cannot line up")
+    out = {}
+    for group in ["*", *sorted(set(groups_N))]:
+        mask = slice(None) if group == "*" else groups_N == group
+        ids = ids_LNK[:, mask]
+        stats = {"tokens": np.array([ids.shape[1]]), "expert_counts": expert_counts(ids, num_experts)}
+        if ref_LNK is not None:
+            saturation, top1 = router_saturation(ids, ref_LNK[:, mask])
+            stats["saturation_sum"], stats["top1_sum"] = saturation * ids.shape[1], top1 * ids.shape[1]
+        if with_vocab:
+            stats["vocab_pairs"] = _vocab_pairs(ids, input_ids_N[mask], num_experts)
+        if with_coactivation and group == "*":
+            stats["coactivation"] = coactivation_counts(ids, num_experts)
+            stats["coactivation_adjacent"] = coactivation_counts(ids, num_experts, adjacent=True)
+        out[group] = stats
+    return out
+
+
+def _vocab_pairs(ids_LNK: np.ndarray, input_ids_N: np.ndarray, num_experts: int) -> np.ndarray:
+    """(M, 4) rows (layer, token id, top-1 expert, count): sparse counts that add across shards."""
+    rows = []
+    for layer, top1_N in enumerate(ids_LNK[..., 0].astype(np.int64)):
+        keys, counts = np.unique(input_ids_N.astype(np.int64) * num_experts + top1_N, return_counts=True)
+        rows.append(np.stack([np.full_like(keys, layer), keys // num_experts, keys % num_experts, counts], axis=1))
+    return np.concatenate(rows) if rows else np.zeros((0, 4), np.int64)
+
+
+def merge_statistics(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    merged: dict[str, np.ndarray] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key == "vocab_pairs":
+                merged[key] = np.concatenate([merged[key], value]) if key in merged else value
+            else:
+                merged[key] = merged[key] + value if key in merged else value.copy()
+    return merged
+
+
+def finalize_statistics(stats: dict[str, np.ndarray], *, num_experts: int, top_k: int,
+                        min_count: int = 10) -> dict[str, np.ndarray]:
+    """Per-layer values from merged statistics: saturation, top1_agreement,
+    domain_specialization_max, load_entropy, load_max_over_mean, vocab_specialization."""
+    tokens = float(stats["tokens"][0])
+    counts = stats["expert_counts"].astype(np.float64)
+    num_layers = counts.shape[0]
+    share = counts / max(tokens, 1) / (top_k / num_experts)
+    usage = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    entropy = -np.sum(np.where(usage > 0, usage * np.log(np.where(usage > 0, usage, 1)), 0.0), axis=1)
+    out = {
+        "domain_specialization_max": share.max(axis=1),
+        "load_entropy": entropy / np.log(num_experts),
+        "load_max_over_mean": counts.max(axis=1) / np.maximum(counts.mean(axis=1), 1e-12),
+        "saturation": stats["saturation_sum"] / tokens if "saturation_sum" in stats else np.full(num_layers, np.nan),
+        "top1_agreement": stats["top1_sum"] / tokens if "top1_sum" in stats else np.full(num_layers, np.nan),
+        "vocab_specialization": np.full(num_layers, np.nan),
+    }
+    if "vocab_pairs" in stats and len(stats["vocab_pairs"]):
+        pairs = stats["vocab_pairs"]
+        for layer in range(num_layers):
+            rows = pairs[pairs[:, 0] == layer]
+            keys, inverse = np.unique(rows[:, 1] * num_experts + rows[:, 2], return_inverse=True)
+            counts_pairs = np.bincount(inverse, weights=rows[:, 3])
+            token_ids, token_of_pair = np.unique(keys // num_experts, return_inverse=True)
+            totals = np.bincount(token_of_pair, weights=counts_pairs)
+            best = np.zeros(len(token_ids))
+            np.maximum.at(best, token_of_pair, counts_pairs)
+            frequent = totals >= min_count
+            if frequent.any():
+                out["vocab_specialization"][layer] = float((best[frequent] / totals[frequent]).mean())
+    return out

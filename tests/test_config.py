@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from moegrok.config import MonitorConfig, PretrainToyConfig, register_configs
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+GROUP_OPTIONS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml"))
+                 for g in ("model", "checkpoints", "samples", "eval", "cluster")}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def hydra_conf():
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+
+
+def to_object(name: str, overrides: list[str]):
+    return OmegaConf.to_object(compose(config_name=name, overrides=overrides))
+
+
+def test_default_configs_resolve():
+    assert isinstance(to_object("pretrain_toy", []), PretrainToyConfig)
+    monitor = to_object("monitor", [])
+    assert isinstance(monitor, MonitorConfig)
+    assert monitor.checkpoints.dir == "zoo/default" and monitor.eval.engine == "auto"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_resolves(experiment):
+    config = to_object("monitor", [f"experiment={experiment}"])
+    assert isinstance(config, MonitorConfig)
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g, options in GROUP_OPTIONS.items() for o in options])
+def test_every_group_option_resolves(group, option):
+    assert isinstance(to_object("monitor", [f"{group}={option}"]), MonitorConfig)
+
+
+def test_olmoe_experiment_is_the_paper_protocol():
+    config = to_object("monitor", ["experiment=olmoe_1b_7b"])
+    assert config.checkpoints.repo == "allenai/OLMoE-1B-7B-0924" and config.checkpoints.num_evenly_spaced == 10
+    assert config.samples.groups == ["math", "code", "commonsense", "domain"]
+    assert len(config.eval.benchmarks) == 4 and config.metrics.threshold == 0.7
+
+
+def test_typo_key_fails_at_start_up_naming_it():
+    with pytest.raises(ConfigCompositionException, match="threshhold"):
+        compose(config_name="monitor", overrides=["metrics.threshhold=0.5"])
+    with pytest.raises(ConfigCompositionException, match="max_step"):
+        compose(config_name="pretrain_toy", overrides=["train.max_step=5"])
+
+
+def test_bad_values_fail_at_start_up_naming_the_key():
+    with pytest.raises(ValueError, match="metrics.threshold=1.5"):
+        to_object("monitor", ["metrics.threshold=1.5"])
+    with pytest.raises(ValueError, match="data.p=48"):
+        to_object("pretrain_toy", ["data.p=48"])
+    with pytest.raises(ValueError, match="stage='recod'"):
+        to_object("monitor", ["stage=recod"])
