@@ -18,7 +18,8 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     config: StudyConfig = OmegaConf.to_object(cfg)
     study = run_study(config)
-    print(summary_table(study, config.target).to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    table = summary_table(study, config.target)
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}") if len(table) else "no group grokked")
     print(f"study.parquet and study.html in {config.out_dir}")
 
 

@@ -11,6 +11,8 @@ Rules (the README documents them):
   before the curve rises by at least `min_rise` above the baseline and stays there at every
   later checkpoint. Accuracy uses an absolute rise (e.g. 0.1); a metric uses the same rule on
   its min-max scaled curve, so `lead_steps` = accuracy onset - metric onset (> 0: metric first).
+* Half-rise step: the first checkpoint where accuracy is halfway from its post-memorization
+  baseline to its maximum; groups are asynchronous when these differ.
 * Correlations per group and window (all checkpoints, post-memorization, post-onset): Spearman
   and Pearson with p-values, next to the same for two trivial baselines, the checkpoint step and
   the training loss. Detrended measures: the Spearman partial correlation controlling for step
@@ -156,9 +158,15 @@ def analyze(metrics: pd.DataFrame, accuracy: pd.DataFrame, memorized: pd.DataFra
         acc_onset = onset(curve["step"].to_numpy(float), curve["accuracy"].to_numpy(float), start_step=mem_step,
                           min_rise=min_rise, scaled=False)
         final = float(curve["accuracy"].iloc[-1])
+        after = curve[curve["step"] >= mem_step]
+        half_step = float("nan")
+        if np.isfinite(acc_onset) and len(after):
+            halfway = after["accuracy"].iloc[0] + 0.5 * (after["accuracy"].max() - after["accuracy"].iloc[0])
+            half_step = float(after.loc[after["accuracy"] >= halfway, "step"].iloc[0])
         onset_rows.append({"group": group, "benchmark": benchmark, "memorization_step": mem_step,
                            "memorization_rule": mem_rule,
                            "generalization_onset": acc_onset, "lag_steps": acc_onset - mem_step,
+                           "half_rise_step": half_step,
                            "accuracy_at_memorization": float(np.interp(mem_step, curve["step"], curve["accuracy"])),
                            "final_accuracy": final, "max_accuracy": float(curve["accuracy"].max())})
         windows = {"all": curve, "post_memorization": curve[curve["step"] >= mem_step],
@@ -196,5 +204,5 @@ def beats_baselines(corr: dict, base: dict[str, dict]) -> bool:
 
 
 def asynchronous_groups(onsets: pd.DataFrame) -> bool:
-    """Whether groups start generalizing at different checkpoints."""
-    return onsets["generalization_onset"].dropna().nunique() > 1
+    """Whether the groups that generalize get halfway up their rise at different checkpoints."""
+    return onsets["half_rise_step"].dropna().nunique() > 1

@@ -197,7 +197,7 @@ def write_report(run_dir: str | Path) -> Path:
         from moegrok.analysis import asynchronous_groups
 
         parts.append(f"<p>Groups generalize asynchronously: <b>{'yes' if asynchronous_groups(onsets) else 'no'}</b> "
-                     "(distinct generalization onsets).</p>")
+                     "(distinct half-rise steps).</p>")
     if correlations is not None and len(correlations):
         lines = verdicts(correlations, onsets)
         parts.append("<h2>Verdict</h2><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in lines)

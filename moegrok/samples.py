@@ -7,7 +7,6 @@ the loss of a prompt/completion sample on the completion only.
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from moegrok.config import SamplesConfig
+from moegrok.jsonl import InvalidJSON, jsonl_records
 
 
 class SampleError(ValueError):
@@ -23,7 +23,7 @@ class SampleError(ValueError):
 
 
 def _check_record(record: object, where: str) -> dict:
-    if isinstance(record, str):  # a parse error
+    if isinstance(record, InvalidJSON):
         raise SampleError(f"{where}: {record}")
     if not isinstance(record, dict):
         raise SampleError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -68,16 +68,7 @@ def read_samples(path: str | Path, *, errors: list[str] | None = None) -> pd.Dat
             for i, r in enumerate(frame.to_dict("records"))
         ]
     elif path.suffix in (".jsonl", ".json"):
-        records = []
-        with path.open() as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    record = f"invalid JSON ({e.msg})"
-                records.append(checked(record, f"{path}:{line_number}"))
+        records = [checked(record, where) for where, record in jsonl_records(path)]
     else:
         raise SampleError(f"{path}: unsupported sample format {path.suffix!r} (use .jsonl or .parquet)")
     records = [r for r in records if r is not None]

@@ -71,7 +71,9 @@ def local_metrics(run: RunDir, *, threshold: float, positions: list[str], max_pa
         features = checkpoint_features(table, routers, threshold=threshold, positions=positions)
         frames += [group_rows(members, memorized=since, positions=positions, max_pairs=max_pairs, seed=0)
                    for _, members in features.groupby("group", sort=True)]
-    return pd.concat(frames, ignore_index=True)
+    metrics = pd.concat(frames, ignore_index=True)
+    med = pd.read_parquet(run.metrics, columns=["checkpoint", "med"]).drop_duplicates("checkpoint")
+    return metrics.merge(med, on="checkpoint", how="left")  # the embedding measure has no threshold
 
 
 def variant_rows(cfg: StudyConfig, name: str, seed: int, run: RunDir, grokked: set[str]) -> pd.DataFrame:

@@ -6,7 +6,6 @@ Instruction data: jsonl with `prompt` and `completion` per line (loss on the com
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from moegrok.config import TuneConfig
+from moegrok.jsonl import InvalidJSON, jsonl_records
 from moegrok.store import atomic_dir
 
 
@@ -37,18 +37,13 @@ def read_instructions(path: str | Path, *, max_examples: int = 0) -> list[tuple[
     if not path.exists():
         raise InstructionError(f"{path}: no such instruction file")
     pairs = []
-    with path.open() as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InstructionError(f"{path}:{line_number}: invalid JSON ({e.msg})") from None
-            if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
-                    and isinstance(record.get("completion"), str)):
-                raise InstructionError(f"{path}:{line_number}: needs string 'prompt' and 'completion'")
-            pairs.append((record["prompt"], record["completion"]))
+    for where, record in jsonl_records(path):
+        if isinstance(record, InvalidJSON):
+            raise InstructionError(f"{where}: {record}")
+        if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+                and isinstance(record.get("completion"), str)):
+            raise InstructionError(f"{where}: needs string 'prompt' and 'completion'")
+        pairs.append((record["prompt"], record["completion"]))
     if not pairs:
         raise InstructionError(f"{path}: no instructions")
     return pairs[:max_examples] if max_examples else pairs

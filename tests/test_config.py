@@ -63,3 +63,11 @@ def test_bad_values_fail_at_start_up_naming_the_key():
         to_object("pretrain_toy", ["data.p=48"])
     with pytest.raises(ValueError, match="stage='recod'"):
         to_object("monitor", ["stage=recod"])
+
+
+def test_tuned_experiments_turn_the_tune_stage_on():
+    olmoe = to_object("monitor", ["experiment=olmoe_1b_7b_tuned"])
+    assert olmoe.tune.method == "lora" and olmoe.tune.rank == 32 and olmoe.tune.lr == 5e-5 and olmoe.tune.epochs == 3
+    assert olmoe.checkpoints.repo == "allenai/OLMoE-1B-7B-0924"
+    assert to_object("monitor", []).tune.method == "none"
+    assert to_object("monitor", ["experiment=toy_tuned"]).tune.method == "lora"

@@ -8,9 +8,10 @@ jsonl item fields: id, group, kind, prompt and
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from moegrok.jsonl import InvalidJSON, jsonl_records
 
 KINDS = ("exact", "choice", "code")
 
@@ -32,6 +33,8 @@ class Item:
 
 
 def _item(record: object, where: str) -> Item:
+    if isinstance(record, InvalidJSON):
+        raise BenchmarkError(f"{where}: {record}")
     if not isinstance(record, dict):
         raise BenchmarkError(f"{where}: expected a JSON object")
     kind = record.get("kind")
@@ -53,17 +56,7 @@ def _item(record: object, where: str) -> Item:
 
 
 def load_jsonl(path: Path) -> list[Item]:
-    items = []
-    with path.open() as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BenchmarkError(f"{path}:{line_number}: invalid JSON ({e.msg})") from None
-            items.append(_item(record, f"{path}:{line_number}"))
-    return items
+    return [_item(record, where) for where, record in jsonl_records(path)]
 
 
 def load_lm_eval_task(path: Path) -> list[Item]:

@@ -87,7 +87,7 @@ def run_monitor(cfg: MonitorConfig, stages: list[str] | None = None) -> int:
     print("\nmoegrok sweep summary (" + str(run.root) + ")\n" + table.to_string(index=False))
     if run.correlations.exists() and "report" in stages:
         correlations = pd.read_parquet(run.correlations)
-        if len(correlations):
+        if correlations["spearman"].notna().any():
             print("\nSpearman with accuracy after memorization (* = beats step and loss baselines, detrended too)")
             print(summary_table(correlations).to_string(index=False))
             onsets = pd.read_parquet(run.onsets) if run.onsets.exists() else None

@@ -1,0 +1,56 @@
+import shutil
+import subprocess
+
+import pytest
+
+from moegrok.pipeline import run_monitor
+from moegrok.report import write_report
+from moegrok.store import RunDir
+from tests.conftest import monitor_config
+
+FIGURES = ("curves_add_heldout.png", "scatter_add_heldout.png", "curves_mul_heldout.png", "med_vs_heldout_loss.png",
+           "routing_vs_step.png", "coactivation.png", "domain_specialization.png")
+
+
+@pytest.fixture(scope="module")
+def stored_run(tiny_zoo, tmp_path_factory, ray_cluster):
+    cfg = monitor_config(tiny_zoo, tmp_path_factory.mktemp("report") / "run")
+    assert run_monitor(cfg) == 0
+    return RunDir(cfg.run_dir)
+
+
+def test_report_contains_every_figure_and_table(stored_run):
+    page = stored_run.report.read_text()
+    for name in FIGURES:
+        assert (stored_run.figures / name).stat().st_size > 1000, name
+    assert page.count("<img ") == len(FIGURES) + 1  # + the scatter of the second group
+    for heading in ("Memorization and generalization per group", "Verdict", "Routing analyses", "All correlations",
+                    "Failures", "Config"):
+        assert heading in page
+    assert "src=\"data:image/png;base64," in page and "http" not in page.split("<h2>Config")[0]
+
+
+def test_rerunning_the_report_recomputes_nothing(stored_run):
+    tables = sorted(stored_run.root.glob("*.parquet")) + sorted(stored_run.root.glob("routing/*/*"))
+    stamps = {path: path.stat().st_mtime_ns for path in tables}
+    before = stored_run.report.stat().st_mtime_ns
+    write_report(stored_run.root)
+    assert {path: path.stat().st_mtime_ns for path in tables} == stamps
+    assert stored_run.report.stat().st_mtime_ns > before
+
+
+def test_report_renders_in_headless_chromium(stored_run, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2400",
+                    f"--screenshot={shot}", stored_run.report.resolve().as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (2400, 1400)
+    assert pixels[..., :3].std() > 0.05  # text, tables and plots, not a blank page
