@@ -20,9 +20,13 @@ from moegrok.routing_analyses import (
 NUM_LAYERS, NUM_EXPERTS, TOP_K = 16, 64, 8
 
 
-def routes(num_tokens: int, seed: int) -> np.ndarray:
+def routes(num_tokens: int, seed: int, chunk: int = 50_000) -> np.ndarray:
+    """Random top-k routes (k distinct experts per token), built in chunks to bound memory."""
     rng = np.random.default_rng(seed)
-    return np.argsort(rng.random((NUM_LAYERS, num_tokens, NUM_EXPERTS), dtype=np.float32), axis=-1)[..., :TOP_K]
+    parts = [np.argpartition(rng.random((NUM_LAYERS, min(chunk, num_tokens - start), NUM_EXPERTS),
+                                        dtype=np.float32), TOP_K, axis=-1)[..., :TOP_K].astype(np.int16)
+             for start in range(0, num_tokens, chunk)]
+    return np.concatenate(parts, axis=1)
 
 
 def vectorized(ids, reference, input_ids) -> None:

@@ -15,14 +15,15 @@ from moegrok.config import MonitorConfig, register_configs
 from moegrok.pipeline import run_monitor
 
 register_configs()
+exit_statuses: list[int] = []  # hydra.main drops return values; one entry per (multi)run
 
 
 @hydra.main(config_path="../conf", config_name="monitor", version_base="1.3")
-def main(cfg: DictConfig) -> int:
+def main(cfg: DictConfig) -> None:
     config: MonitorConfig = OmegaConf.to_object(cfg)
-    return run_monitor(config)
+    exit_statuses.append(run_monitor(config))
 
 
 if __name__ == "__main__":
-    status = main()
-    sys.exit(status or 0)
+    main()
+    sys.exit(max(exit_statuses, default=0))

@@ -44,31 +44,31 @@ def router_saturation(ids_LNK: np.ndarray, reference_LNK: np.ndarray) -> tuple[n
     """Per layer: mean share of top-k ids also in the reference's top-k, and top-1 agreement."""
     if ids_LNK.shape != reference_LNK.shape:
         raise ValueError(f"tokens do not line up: {ids_LNK.shape} vs reference {reference_LNK.shape}")
-    shared_LNK = (ids_LNK[..., :, None] == reference_LNK[..., None, :]).any(-1)
-    return shared_LNK.mean(axis=(1, 2)), (ids_LNK[..., 0] == reference_LNK[..., 0]).mean(axis=1)
+    if ids_LNK.shape[1] == 0:
+        return np.full(ids_LNK.shape[0], np.nan), np.full(ids_LNK.shape[0], np.nan)
+    # one layer at a time: the (tokens, k, k) comparison of all layers at once is too large
+    shared = np.array([(ids_NK[:, :, None] == ref_NK[:, None, :]).any(-1).mean()
+                       for ids_NK, ref_NK in zip(ids_LNK, reference_LNK, strict=True)])
+    return shared, (ids_LNK[..., 0] == reference_LNK[..., 0]).mean(axis=1)
 
 
 def expert_counts(ids_LNK: np.ndarray, num_experts: int) -> np.ndarray:
     """(L, E) number of tokens selecting each expert (any top-k slot)."""
-    num_layers = ids_LNK.shape[0]
-    flat = (ids_LNK.astype(np.int64) + num_experts * np.arange(num_layers)[:, None, None]).ravel()
-    return np.bincount(flat, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+    return np.stack([np.bincount(ids_NK.ravel(), minlength=num_experts) for ids_NK in ids_LNK.astype(np.int64)])
 
 
 def coactivation_counts(ids_LNK: np.ndarray, num_experts: int, *, adjacent: bool = False) -> np.ndarray:
     """(L, E, E) counts of tokens where a and b are both selected (a != b); with `adjacent`,
     only pairs that are neighbours in the weight-sorted top-k list (both directions)."""
     num_layers, _, k = ids_LNK.shape
-    ids = ids_LNK.astype(np.int64)
     if adjacent:
         pairs = [(j, j + 1) for j in range(k - 1)] + [(j + 1, j) for j in range(k - 1)]
     else:
         pairs = [(i, j) for i in range(k) for j in range(k) if i != j]
-    layer_offset = np.arange(num_layers)[:, None] * num_experts * num_experts
-    counts = np.zeros(num_layers * num_experts * num_experts, dtype=np.int64)
-    for i, j in pairs:
-        index = layer_offset + ids[:, :, i] * num_experts + ids[:, :, j]
-        counts += np.bincount(index.ravel(), minlength=counts.size)
+    counts = np.zeros((num_layers, num_experts * num_experts), dtype=np.int64)
+    for layer, ids_NK in enumerate(ids_LNK.astype(np.int64)):
+        for i, j in pairs:
+            counts[layer] += np.bincount(ids_NK[:, i] * num_experts + ids_NK[:, j], minlength=counts.shape[1])
     return counts.reshape(num_layers, num_experts, num_experts)
 
 

@@ -111,6 +111,12 @@ def is_done(path: Path, fingerprint: str) -> bool:
     return path.exists() and marker.exists() and marker.read_text() == fingerprint
 
 
+def invalidate(path: Path) -> None:
+    """Drop a unit's completion marker before recomputing it, so that a failed recompute never
+    leaves an older result looking current."""
+    done_marker(path).unlink(missing_ok=True)
+
+
 def mark_done(path: Path, fingerprint: str) -> None:
     marker = done_marker(path)
     tmp = marker.with_suffix(".done.tmp")

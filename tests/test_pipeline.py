@@ -137,3 +137,14 @@ def test_tune_stage_evaluates_tuned_checkpoints_beside_direct_ones(tiny_zoo, tmp
     stamp = tuned_weights.stat().st_mtime_ns
     assert run_monitor(cfg) == 0  # resume: every tuned checkpoint is skipped
     assert tuned_weights.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_monitor_job_exits_non_zero_after_a_failed_unit(tiny_zoo, tmp_path):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    (zoo / "step6" / "config.json").unlink()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(_monitor_command(zoo, tmp_path / "run"), env=env, capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "failed; see" in result.stdout and "step6" in pd.read_parquet(tmp_path / "run" / "failures.parquet")["unit"].iloc[0]

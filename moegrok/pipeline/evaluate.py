@@ -24,7 +24,7 @@ from moegrok.pipeline.cluster import actor_options
 from moegrok.pipeline.record import failure, write_bytes
 from moegrok.pipeline.scheduler import Unit, run_units
 from moegrok.pipeline.tune import TUNED_SUFFIX
-from moegrok.store import RunDir, fingerprint, is_done, mark_done, write_parquet
+from moegrok.store import RunDir, done_marker, fingerprint, invalidate, is_done, mark_done, write_parquet
 
 
 def make_engine(cfg: MonitorConfig):
@@ -92,6 +92,8 @@ def evaluate_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -
     units = []
     for ref in refs:
         todo = [n for n in benchmarks if not is_done(run.eval_items(ref.name, n), prints[ref.name, n])]
+        for name in todo:
+            invalidate(run.eval_items(ref.name, name))
         if todo:
             units.append(Unit(ref.name, tuple(todo), ref))
     bar = tqdm(total=len(units), desc="evaluate", disable=not cfg.progress, unit="ckpt")
@@ -129,7 +131,7 @@ def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str]) -> 
     for ref in refs:
         for name in names:
             path = run.eval_items(ref.name, name)
-            if path.exists():
+            if path.exists() and done_marker(path).exists():
                 rows = accuracy_rows(pq.read_table(path).to_pandas(), checkpoint=ref.name, step=ref.step,
                                      benchmark=name)
                 tuned = ref.name.endswith(TUNED_SUFFIX)

@@ -19,7 +19,7 @@ from moegrok.pipeline.cluster import actor_options
 from moegrok.pipeline.scheduler import Unit, run_units
 from moegrok.routing import RoutingRecorder, input_embeddings, router_weights
 from moegrok.samples import TokenizedSample
-from moegrok.store import RunDir, fingerprint, is_done, mark_done
+from moegrok.store import RunDir, fingerprint, invalidate, is_done, mark_done
 
 
 def failure(exc: BaseException) -> dict:
@@ -92,6 +92,7 @@ def record_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef],
             if is_done(path, unit_print) and (index or run.checkpoint_weights(ref.name).exists()):
                 skipped += 1
                 continue
+            invalidate(path)
             units.append(Unit(ref.name, index, (ref, unit_print)))
     failures: list[dict] = []
     bar = tqdm(total=len(units), desc="record", disable=not cfg.progress, unit="shard")

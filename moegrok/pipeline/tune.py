@@ -19,7 +19,7 @@ from moegrok.pipeline.cluster import actor_options
 from moegrok.pipeline.record import failure
 from moegrok.pipeline.scheduler import Unit, run_units
 from moegrok.samples import select_samples
-from moegrok.store import RunDir, fingerprint, is_done, mark_done
+from moegrok.store import RunDir, done_marker, fingerprint, invalidate, is_done, mark_done
 from moegrok.tuning import read_instructions, tune_checkpoint
 
 TUNED_SUFFIX = "+tuned"
@@ -61,7 +61,7 @@ def tuned_path(run: RunDir, ref: CheckpointRef) -> Path:
 def tuned_refs(run: RunDir, refs: list[CheckpointRef]) -> list[CheckpointRef]:
     """The derived checkpoints already tuned in this run dir."""
     return [CheckpointRef(f"{ref.name}{TUNED_SUFFIX}", ref.step, ref.tokens, uri=str(tuned_path(run, ref)))
-            for ref in refs if tuned_path(run, ref).with_suffix(".done").exists()]
+            for ref in refs if done_marker(tuned_path(run, ref)).exists()]
 
 
 def tune_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> dict:
@@ -69,6 +69,8 @@ def tune_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> di
     settings = dataclasses.asdict(cfg.tune) | {"num_actors": None, "num_gpus": None, "num_cpus": None}
     prints = {ref.name: fingerprint(ref, data_hash, settings, cfg.model.dtype) for ref in refs}
     units = [Unit(ref.name, 0, ref) for ref in refs if not is_done(tuned_path(run, ref), prints[ref.name])]
+    for unit in units:
+        invalidate(tuned_path(run, unit.payload))
     failures: list[dict] = []
     results = []
     bar = tqdm(total=len(units), desc="tune", disable=not cfg.progress, unit="ckpt")
