@@ -8,14 +8,12 @@ import html
 import io
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import yaml
+from matplotlib.figure import Figure
 
+from moegrok.analysis import asynchronous_groups, join_accuracy
 from moegrok.store import RunDir
 
 # Paper Table 1 (Pearson/Spearman with test accuracy after the sustained rise)
@@ -33,14 +31,14 @@ def _png(fig, path: Path) -> str:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     data = base64.b64encode(buffer.getvalue()).decode()
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
 def _curves_figure(group: str, curve: pd.DataFrame, onset_row: pd.Series | None, metrics: list[str]):
     panels = ["accuracy", *metrics]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 2.8), squeeze=False)
+    fig = Figure(figsize=(3.1 * len(panels), 2.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, column in zip(axes[0], panels, strict=True):
         ax.plot(curve["step"], curve[column], marker="o", ms=3)
         ax.set_title(column, fontsize=9)
@@ -56,7 +54,8 @@ def _curves_figure(group: str, curve: pd.DataFrame, onset_row: pd.Series | None,
 
 
 def _scatter_figure(group: str, curve: pd.DataFrame, correlations: pd.DataFrame, metrics: list[str]):
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.1 * len(metrics), 2.8), squeeze=False)
+    fig = Figure(figsize=(3.1 * len(metrics), 2.8))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         ax.scatter(curve[metric], curve["accuracy"], c=curve["step"], cmap="viridis", s=14)
         row = correlations[(correlations["metric"] == metric) & (correlations["window"] == "all")]
@@ -73,7 +72,8 @@ def _scatter_figure(group: str, curve: pd.DataFrame, correlations: pd.DataFrame,
 def _med_figure(train_log: pd.DataFrame, metrics: pd.DataFrame):
     med = metrics.groupby("step")["med"].first()
     held = train_log.groupby("step")["heldout_loss"].mean()
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
     ax.plot(med.index, med.values, color="C0", marker="o", ms=3, label="MED")
     ax.set_xlabel("step")
     ax.set_ylabel("main embedding diff", color="C0")
@@ -96,7 +96,8 @@ def _routing_section(run: RunDir, onsets: pd.DataFrame | None) -> list[str]:
     everything = layers[layers["group"] == "*"]
     columns = [c for c in ("saturation", "top1_agreement", "vocab_specialization", "load_entropy")
                if everything[c].notna().any()]
-    fig, axes = plt.subplots(1, len(columns), figsize=(3.6 * len(columns), 3), squeeze=False)
+    fig = Figure(figsize=(3.6 * len(columns), 3))
+    axes = fig.subplots(1, len(columns), squeeze=False)
     for ax, column in zip(axes[0], columns, strict=True):
         for layer, rows in everything.groupby("layer"):
             ax.plot(rows["step"], rows[column], marker="o", ms=2, label=f"layer {layer}")
@@ -111,7 +112,8 @@ def _routing_section(run: RunDir, onsets: pd.DataFrame | None) -> list[str]:
     coactivation = _read(run.root / "coactivation.parquet")
     if coactivation is not None and len(coactivation):
         shown = sorted({0, coactivation["layer"].max() // 2, coactivation["layer"].max()})
-        fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.2), squeeze=False)
+        fig = Figure(figsize=(3.6 * len(shown), 3.2))
+        axes = fig.subplots(1, len(shown), squeeze=False)
         for ax, layer in zip(axes[0], shown, strict=True):
             matrix = coactivation[coactivation["layer"] == layer].pivot(
                 index="expert_a", columns="expert_b", values="probability")
@@ -126,7 +128,8 @@ def _routing_section(run: RunDir, onsets: pd.DataFrame | None) -> list[str]:
     if specialization is not None and len(specialization):
         groups = specialization[specialization["group"] != "*"]
         last_layer = groups["layer"].max()
-        fig, ax = plt.subplots(figsize=(8, 3))
+        fig = Figure(figsize=(8, 3))
+        ax = fig.subplots()
         rows = groups[groups["layer"] == last_layer].pivot(index="expert", columns="group", values="ratio")
         rows.plot.bar(ax=ax, width=0.8)
         ax.axhline(1.0, color="gray", lw=1)
@@ -194,8 +197,6 @@ def write_report(run_dir: str | Path) -> Path:
     if onsets is not None and len(onsets):
         parts.append("<h2>Memorization and generalization per group</h2>")
         parts.append(_table(onsets))
-        from moegrok.analysis import asynchronous_groups
-
         parts.append(f"<p>Groups generalize asynchronously: <b>{'yes' if asynchronous_groups(onsets) else 'no'}</b> "
                      "(distinct half-rise steps).</p>")
     if correlations is not None and len(correlations):
@@ -208,8 +209,6 @@ def write_report(run_dir: str | Path) -> Path:
     figure_dir = run.figures
     if metrics is not None:
         sample_set = (config.get("analysis") or {}).get("sample_set", "memorized")
-        from moegrok.analysis import join_accuracy
-
         group_map = (config.get("analysis") or {}).get("group_map") or {}
         if accuracy is not None:
             joined = join_accuracy(metrics, accuracy, sample_set=sample_set, group_map=group_map)

@@ -180,10 +180,7 @@ def summary_table(study: pd.DataFrame, target: float) -> pd.DataFrame:
 
 
 def write_study_report(study: pd.DataFrame, out: Path, *, target: float) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from moegrok.report import _png, _table
 
@@ -193,7 +190,8 @@ def write_study_report(study: pd.DataFrame, out: Path, *, target: float) -> Path
              f"|Spearman| >= {target}, beats both baselines raw and detrended, onset at or before accuracy's.</p>",
              _table(table)]
     if len(table):
-        fig, ax = plt.subplots(figsize=(1.2 * len(table) + 3, 3.2))
+        fig = Figure(figsize=(1.2 * len(table) + 3, 3.2))
+        ax = fig.subplots()
         x = np.arange(len(table))
         for offset, column in ((-0.25, "|spearman| mean"), (0.0, "|step| baseline"), (0.25, "|loss| baseline")):
             ax.bar(x + offset, table[column], width=0.25, label=column)
