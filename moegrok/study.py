@@ -120,6 +120,8 @@ def run_study(cfg: StudyConfig) -> pd.DataFrame:
 
     out = Path(cfg.out_dir)
     frames = []
+    for variant in cfg.variants:  # a typo in an override fails now, not an hour into the study
+        pretrain_config(cfg, dict(variant.overrides), 0, Path(cfg.zoo_dir))
 
     def one(name: str, overrides: dict, seed: int) -> None:
         key = f"{name}-s{seed}"

@@ -71,3 +71,12 @@ def test_tuned_experiments_turn_the_tune_stage_on():
     assert olmoe.checkpoints.repo == "allenai/OLMoE-1B-7B-0924"
     assert to_object("monitor", []).tune.method == "none"
     assert to_object("monitor", ["experiment=toy_tuned"]).tune.method == "lora"
+
+
+@pytest.mark.parametrize("name", ["study", "study_smoke"])
+def test_study_configs_resolve(name):
+    from moegrok.config import StudyConfig
+
+    study = to_object(name, [])
+    assert isinstance(study, StudyConfig) and study.variants
+    assert all(variant.seeds for variant in study.variants)

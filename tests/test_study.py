@@ -32,3 +32,13 @@ def test_best_variant_and_target():
     })
     assert meets_target(rows, 0.95).tolist() == [True, False, True, True]
     assert best_variant(rows, 0.95) == "b"
+
+
+def test_a_typo_in_a_variant_override_fails_before_training(tmp_path):
+    from moegrok.config import StudyConfig, StudyVariantConfig
+
+    cfg = StudyConfig(out_dir=str(tmp_path), zoo_dir=str(tmp_path / "zoo"),
+                      variants=[StudyVariantConfig("bad", overrides={"model.num_expert": 16})])
+    with pytest.raises(Exception, match="num_expert"):
+        run_study(cfg)
+    assert not (tmp_path / "zoo").exists()
