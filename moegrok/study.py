@@ -51,7 +51,7 @@ def sweep_config(cfg: StudyConfig, zoo: Path, run_dir: Path, p: int) -> MonitorC
         samples=SamplesConfig(paths=[str(zoo / "samples.jsonl")], max_per_group=cfg.samples_per_group,
                               max_tokens=32, shard_size=cfg.samples_per_group),
         eval=EvalConfig(benchmarks=[BenchmarkConfig("heldout", str(zoo / "benchmark.jsonl"))], engine=cfg.eval_engine,
-                        max_new_tokens=2, max_items=cfg.eval_items),
+                        max_new_tokens=1, max_items=cfg.eval_items),  # the answer is one token
         metrics=OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MonitorConfig().metrics),
                                                     {"positions": ["all", "answer"], "routing_analyses": False})),
     )
