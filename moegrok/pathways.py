@@ -27,6 +27,7 @@ from rapidfuzz.distance import Levenshtein
 EXPERT_CODE_OFFSET = 0x100  # expert e is the character chr(0x100 + e) in an id-level pathway
 LAYER_SEPARATOR = "|"
 POSITIONS = ("all", "answer")
+PAIR_BLOCK_ROWS = 256
 
 
 def routing_shape(table: pa.Table) -> tuple[int, int, int]:
@@ -167,12 +168,16 @@ def mean_pairwise_distance(
     if total_pairs == 0:
         return float("nan"), 0, "exact"
     if total_pairs <= max_pairs:
-        block = max(1, 16_000_000 // n)
+        # row blocks: the block against itself (rapidfuzz computes one triangle when queries is
+        # choices) and against the rows after it -- each pair once, memory block x n
         total = 0.0
-        for start in range(0, n, block):
-            stop = min(start + block, n)
-            dist = process.cdist(items[start:stop], items[start:], scorer=scorer, workers=-1)
-            total += float(np.triu(dist, k=1).sum(dtype=np.float64))
+        for start in range(0, n, PAIR_BLOCK_ROWS):
+            stop = min(start + PAIR_BLOCK_ROWS, n)
+            rows = items[start:stop]
+            square = process.cdist(rows, rows, scorer=scorer, workers=-1)
+            total += float(np.triu(square, k=1).sum(dtype=np.float64))
+            if stop < n:
+                total += float(process.cdist(rows, items[stop:], scorer=scorer, workers=-1).sum(dtype=np.float64))
         return total / total_pairs, total_pairs, "exact"
     rng = np.random.default_rng(seed)
     first = rng.integers(n, size=max_pairs)

@@ -3,6 +3,8 @@ import math
 
 import numpy as np
 import pytest
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
 
 from moegrok.pathways import group_metrics, mean_pairwise_distance, sample_features
 from moegrok.progress import main_embedding_diff
@@ -159,10 +161,12 @@ def test_perfectly_consistent_layers_reach_the_documented_extreme():
 
 def test_sampled_pairs_are_seeded_and_close_to_exact():
     rng = np.random.default_rng(1)
-    items = ["".join(rng.choice(list("abcd"), size=rng.integers(3, 9))) for _ in range(300)]
+    items = ["".join(rng.choice(list("abcd"), size=rng.integers(3, 9))) for _ in range(600)]  # 3 row blocks
     exact, n_exact, mode = mean_pairwise_distance(items)
+    full = process.cdist(items, items, scorer=Levenshtein.distance)
+    assert exact == pytest.approx(np.triu(full, k=1).sum() / n_exact, rel=1e-12)
     sampled, n_sampled, sampled_mode = mean_pairwise_distance(items, max_pairs=20_000, seed=5)
-    assert (mode, sampled_mode, n_exact, n_sampled) == ("exact", "sampled", 300 * 299 // 2, 20_000)
+    assert (mode, sampled_mode, n_exact, n_sampled) == ("exact", "sampled", 600 * 599 // 2, 20_000)
     assert sampled == pytest.approx(exact, rel=0.02)
     assert mean_pairwise_distance(items, max_pairs=20_000, seed=5)[0] == sampled
 
