@@ -46,9 +46,13 @@ def router_saturation(ids_LNK: np.ndarray, reference_LNK: np.ndarray) -> tuple[n
         raise ValueError(f"tokens do not line up: {ids_LNK.shape} vs reference {reference_LNK.shape}")
     if ids_LNK.shape[1] == 0:
         return np.full(ids_LNK.shape[0], np.nan), np.full(ids_LNK.shape[0], np.nan)
-    # one layer at a time: the (tokens, k, k) comparison of all layers at once is too large
-    shared = np.array([(ids_NK[:, :, None] == ref_NK[:, None, :]).any(-1).mean()
-                       for ids_NK, ref_NK in zip(ids_LNK, reference_LNK, strict=True)])
+    # a token's top-k ids are distinct, so the ids it shares with the reference are the equal
+    # neighbours of its 2k ids sorted together (3x faster than a (tokens, k, k) comparison)
+    shared = []
+    for ids_NK, ref_NK in zip(ids_LNK, reference_LNK, strict=True):
+        both = np.sort(np.concatenate([ids_NK, ref_NK], axis=1), axis=1)
+        shared.append(np.count_nonzero(both[:, 1:] == both[:, :-1]) / ids_NK.size)
+    shared = np.array(shared)
     return shared, (ids_LNK[..., 0] == reference_LNK[..., 0]).mean(axis=1)
 
 
@@ -61,15 +65,14 @@ def coactivation_counts(ids_LNK: np.ndarray, num_experts: int, *, adjacent: bool
     """(L, E, E) counts of tokens where a and b are both selected (a != b); with `adjacent`,
     only pairs that are neighbours in the weight-sorted top-k list (both directions)."""
     num_layers, _, k = ids_LNK.shape
-    if adjacent:
-        pairs = [(j, j + 1) for j in range(k - 1)] + [(j + 1, j) for j in range(k - 1)]
-    else:
-        pairs = [(i, j) for i in range(k) for j in range(k) if i != j]
+    # each unordered pair of slots once; the (b, a) counts are the transpose
+    pairs = [(j, j + 1) for j in range(k - 1)] if adjacent else [(i, j) for i in range(k) for j in range(i + 1, k)]
     counts = np.zeros((num_layers, num_experts * num_experts), dtype=np.int64)
     for layer, ids_NK in enumerate(ids_LNK.astype(np.int64)):
         for i, j in pairs:
             counts[layer] += np.bincount(ids_NK[:, i] * num_experts + ids_NK[:, j], minlength=counts.shape[1])
-    return counts.reshape(num_layers, num_experts, num_experts)
+    counts_LEE = counts.reshape(num_layers, num_experts, num_experts)
+    return counts_LEE + counts_LEE.transpose(0, 2, 1)
 
 
 def coactivation(ids_LNK: np.ndarray, num_experts: int, *, adjacent: bool = False) -> np.ndarray:
