@@ -218,6 +218,9 @@ def write_report(run_dir: str | Path) -> Path:
             columns=["group", "benchmark", "metric", "window", "spearman"])
         curve_metrics = [m for m in CURVE_METRICS if m in joined and joined[m].notna().any()]
         parts.append(f"<h2>Curves per group</h2><p>sample set: {html.escape(sample_set)}</p>")
+        if not curve_metrics:
+            parts.append(f"<p>No pathway metric has a value for the sample set {html.escape(sample_set)} at any "
+                         "checkpoint (e.g. no sample is memorized yet); only accuracy is drawn.</p>")
         for (group, benchmark), curve in joined.groupby(["group", "benchmark"], sort=True):
             curve = curve.sort_values("step")
             onset_row = None
@@ -227,6 +230,8 @@ def write_report(run_dir: str | Path) -> Path:
             parts.append(f"<h3>{html.escape(group)} / {html.escape(benchmark)}</h3>")
             parts.append(_png(_curves_figure(group, curve, onset_row, curve_metrics),
                               figure_dir / f"curves_{group}_{benchmark}.png"))
+            if not curve_metrics:
+                continue
             group_corr = correlations[(correlations["group"] == group) & (correlations["benchmark"] == benchmark)]
             parts.append(_png(_scatter_figure(group, curve, group_corr, curve_metrics),
                               figure_dir / f"scatter_{group}_{benchmark}.png"))

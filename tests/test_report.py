@@ -54,3 +54,23 @@ def test_report_renders_in_headless_chromium(stored_run, tmp_path):
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (2400, 1400)
     assert pixels[..., :3].std() > 0.05  # text, tables and plots, not a blank page
+
+
+def test_report_without_accuracy_or_metric_values_draws_accuracy_alone(stored_run, tmp_path):
+    """Evaluation off and no memorized sample yet: the report is still written, and says why."""
+    import pandas as pd
+
+    from moegrok.report import CURVE_METRICS
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(stored_run.root, run_dir)
+    run = RunDir(run_dir)
+    shutil.rmtree(run.figures)
+    for table in (run.accuracy, run.correlations, run.onsets):
+        table.unlink()
+    metrics = pd.read_parquet(run.metrics)
+    metrics[[m for m in CURVE_METRICS if m in metrics]] = float("nan")
+    metrics.to_parquet(run.metrics)
+    page = write_report(run_dir).read_text()
+    assert "only accuracy is drawn" in page
+    assert not list(run.figures.glob("scatter_*.png"))
