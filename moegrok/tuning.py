@@ -107,7 +107,7 @@ def tune_checkpoint(model_dir: str | Path, out_dir: str | Path, pairs: list[tupl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            epoch_losses.append(float(loss))
+            epoch_losses.append(loss.item())
             num_steps += 1
             num_tokens += int(mask.sum())
     loss_after = evaluate_loss(model, tokenizer, pairs, cfg, device=device)
