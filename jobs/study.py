@@ -1,7 +1,7 @@
 """The science study: toy-zoo variants trained and swept end to end, pathway metrics against
 the trivial baselines. Resumable: finished zoos and sweep units are skipped.
 
-    python jobs/study.py                               # the full design (~90 min on 2 cores)
+    python jobs/study.py                               # the full design (~2 h on 2 cores)
     python jobs/study.py --config-name study_smoke     # 2 tiny variants (CI)
 """
 
