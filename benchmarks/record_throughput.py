@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moegrok.routing import RoutingRecorder, length_buckets
+from moegrok.routing import RoutingRecorder, length_buckets, pad_batch
 from moegrok.samples import TokenizedSample
 
 
@@ -29,12 +29,8 @@ def baseline(model, samples, *, batch_size: int):
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
-            width = max(len(s.input_ids) for s in batch)
-            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for b, s in enumerate(batch):
-                input_ids[b, : len(s.input_ids)] = torch.from_numpy(s.input_ids)
-                mask[b, : len(s.input_ids)] = 1
+            input_ids, mask = pad_batch(batch)
+            width = input_ids.shape[1]
             out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_router_logits=True)
             topk = [F.softmax(layer.float(), -1).topk(k, -1).indices.view(len(batch), width, k)
                     for layer in out.router_logits]
@@ -59,12 +55,7 @@ def forward_only(model, samples, *, max_tokens_per_batch: int) -> None:
     device = next(model.parameters()).device
     with torch.inference_mode():
         for batch in length_buckets([len(s.input_ids) for s in samples], max_tokens_per_batch=max_tokens_per_batch):
-            width = max(len(samples[i].input_ids) for i in batch)
-            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for b, i in enumerate(batch):
-                input_ids[b, : len(samples[i].input_ids)] = torch.from_numpy(samples[i].input_ids)
-                mask[b, : len(samples[i].input_ids)] = 1
+            input_ids, mask = pad_batch([samples[i] for i in batch])
             model.get_decoder()(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
 
 

@@ -90,6 +90,16 @@ def length_buckets(lengths: Sequence[int], *, max_tokens_per_batch: int) -> list
     return batches
 
 
+def pad_batch(samples: Sequence[TokenizedSample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), right-padded with 0 to the longest sample."""
+    input_ids_BT = torch.zeros(len(samples), max(len(s.input_ids) for s in samples), dtype=torch.long)
+    attention_mask_BT = torch.zeros_like(input_ids_BT)
+    for b, s in enumerate(samples):
+        input_ids_BT[b, : len(s.input_ids)] = torch.tensor(s.input_ids)  # a copy: Ray hands out read-only arrays
+        attention_mask_BT[b, : len(s.input_ids)] = 1
+    return input_ids_BT, attention_mask_BT
+
+
 class RoutingRecorder:
     """Records routing and per-sample loss of one model. Reuse it across sample shards."""
 
@@ -127,12 +137,7 @@ class RoutingRecorder:
     def _record_batch(self, samples: list[TokenizedSample]):
         lengths = [len(s.input_ids) for s in samples]
         num_tokens_max = max(lengths)
-        input_ids_BT = torch.zeros(len(samples), num_tokens_max, dtype=torch.long)
-        attention_mask_BT = torch.zeros_like(input_ids_BT)
-        for b, s in enumerate(samples):
-            input_ids_BT[b, : lengths[b]] = torch.tensor(s.input_ids)  # a copy: Ray hands out read-only arrays
-            attention_mask_BT[b, : lengths[b]] = 1
-        input_ids_BT, attention_mask_BT = input_ids_BT.to(self.device), attention_mask_BT.to(self.device)
+        input_ids_BT, attention_mask_BT = (t.to(self.device) for t in pad_batch(samples))
 
         self._captured.clear()
         hidden_BTD = self.model.get_decoder()(

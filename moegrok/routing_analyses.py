@@ -46,14 +46,16 @@ def router_saturation(ids_LNK: np.ndarray, reference_LNK: np.ndarray) -> tuple[n
         raise ValueError(f"tokens do not line up: {ids_LNK.shape} vs reference {reference_LNK.shape}")
     if ids_LNK.shape[1] == 0:
         return np.full(ids_LNK.shape[0], np.nan), np.full(ids_LNK.shape[0], np.nan)
-    # a token's top-k ids are distinct, so the ids it shares with the reference are the equal
-    # neighbours of its 2k ids sorted together (3x faster than a (tokens, k, k) comparison)
-    shared = []
-    for ids_NK, ref_NK in zip(ids_LNK, reference_LNK, strict=True):
-        both = np.sort(np.concatenate([ids_NK, ref_NK], axis=1), axis=1)
-        shared.append(np.count_nonzero(both[:, 1:] == both[:, :-1]) / ids_NK.size)
-    shared = np.array(shared)
+    shared = np.array([_shared_share(ids_NK, ref_NK) for ids_NK, ref_NK in zip(ids_LNK, reference_LNK, strict=True)])
     return shared, (ids_LNK[..., 0] == reference_LNK[..., 0]).mean(axis=1)
+
+
+def _shared_share(ids_NK: np.ndarray, reference_NK: np.ndarray) -> float:
+    """Share of top-k ids also in the reference's top-k. A token's top-k ids are distinct, so the
+    shared ones are the equal neighbours of its 2k ids sorted together (3x faster than a
+    (tokens, k, k) comparison)."""
+    both = np.sort(np.concatenate([ids_NK, reference_NK], axis=1), axis=1)
+    return np.count_nonzero(both[:, 1:] == both[:, :-1]) / ids_NK.size
 
 
 def expert_counts(ids_LNK: np.ndarray, num_experts: int) -> np.ndarray:
