@@ -59,8 +59,10 @@ def forward_only(model, samples, *, max_tokens_per_batch: int) -> None:
             model.get_decoder()(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
 
 
-def measure(model, samples, *, batch_size: int, max_tokens_per_batch: int, repeats: int = 3):
-    """tok/s of (recorder, HF baseline, bare forward), best of `repeats`."""
+def measure(model, samples, *, batch_size: int, max_tokens_per_batch: int, repeats: int = 5):
+    """Best tok/s of each of (recorder, HF baseline, bare forward) over `repeats` interleaved rounds,
+    and the median per-round ratios recorder/baseline and recorder/forward (robust to a machine
+    whose speed drifts between rounds)."""
     num_tokens = sum(len(s.input_ids) for s in samples)
     recorder = RoutingRecorder(model, max_tokens_per_batch=max_tokens_per_batch)
     runs = {"ours": lambda: recorder.record(samples, checkpoint="c", step=0),
@@ -68,15 +70,17 @@ def measure(model, samples, *, batch_size: int, max_tokens_per_batch: int, repea
             "forward": lambda: forward_only(model, samples, max_tokens_per_batch=max_tokens_per_batch)}
     recorder.record(samples[:8], checkpoint="warm", step=0)
     baseline(model, samples[:8], batch_size=batch_size)
-    best = dict.fromkeys(runs, float("inf"))
+    seconds = {name: [] for name in runs}
     results = {}
     for _ in range(repeats):
         for name, run in runs.items():
             start = time.perf_counter()
             results[name] = run()
-            best[name] = min(best[name], time.perf_counter() - start)
+            seconds[name].append(time.perf_counter() - start)
     np.testing.assert_allclose(results["ours"]["loss"].to_numpy(), results["base"][0], rtol=2e-3, atol=2e-3)
-    return tuple(num_tokens / best[name] for name in runs)
+    ours, base, bare = (np.array(seconds[name]) for name in runs)
+    return ({name: num_tokens / min(times) for name, times in seconds.items()},
+            float(np.median(base / ours)), float(np.median(bare / ours)))
 
 
 def cpu_toy(args) -> None:
@@ -99,11 +103,11 @@ def cpu_toy(args) -> None:
         sets = {"toy samples (5-9 tokens)": tokenize_samples(zoo_samples, tokenizer, max_tokens=32),
                 "variable length 4-32 tokens": variable_length_samples(len(tokenizer), args.samples, max_len=32)}
         for name, samples in sets.items():
-            ours, base, bare = measure(model, samples, batch_size=args.batch_size,
-                                       max_tokens_per_batch=args.batch_size * 32)
-            print(f"[{label}] {name}: recorder {ours:10,.0f} tok/s   HF baseline {base:10,.0f} tok/s   "
-                  f"ratio {ours / base:.2f}x (target >= 2x)   bare decoder forward {bare:10,.0f} tok/s "
-                  f"(recorder at {ours / bare:.0%} of it)")
+            tok_s, ratio, of_forward = measure(model, samples, batch_size=args.batch_size,
+                                               max_tokens_per_batch=args.batch_size * 32)
+            print(f"[{label}] {name}: recorder {tok_s['ours']:9,.0f} tok/s  HF baseline {tok_s['base']:9,.0f} tok/s"
+                  f"  bare decoder forward {tok_s['forward']:9,.0f} tok/s  ->  ratio {ratio:.2f}x (target >= 2x),"
+                  f" recorder at {of_forward:.0%} of the bare forward")
 
 
 def gpu_olmoe(args) -> None:
@@ -119,11 +123,12 @@ def gpu_olmoe(args) -> None:
     for impl in ("eager", "grouped_mm"):
         model.set_experts_implementation(impl)
         torch.cuda.reset_peak_memory_stats()
-        ours, base, bare = measure(model, samples, batch_size=16, max_tokens_per_batch=65536, repeats=2)
+        tok_s, ratio, of_forward = measure(model, samples, batch_size=16, max_tokens_per_batch=65536, repeats=2)
         peak = torch.cuda.max_memory_allocated() / 2**30
-        mfu = ours * 2 * active_params / 989e12
-        print(f"[experts={impl}] recorder {ours:,.0f} tok/s (MFU {mfu:.1%})  HF baseline {base:,.0f} tok/s  "
-              f"ratio {ours / base:.2f}x  bare forward {bare:,.0f} tok/s  peak {peak:.1f} GiB")
+        mfu = tok_s["ours"] * 2 * active_params / 989e12
+        print(f"[experts={impl}] recorder {tok_s['ours']:,.0f} tok/s (MFU {mfu:.1%})  HF baseline "
+              f"{tok_s['base']:,.0f} tok/s  ratio {ratio:.2f}x  bare forward {tok_s['forward']:,.0f} tok/s "
+              f"(recorder at {of_forward:.0%})  peak {peak:.1f} GiB")
 
 
 if __name__ == "__main__":

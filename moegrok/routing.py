@@ -92,12 +92,11 @@ def length_buckets(lengths: Sequence[int], *, max_tokens_per_batch: int) -> list
 
 def pad_batch(samples: Sequence[TokenizedSample]) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), right-padded with 0 to the longest sample."""
-    input_ids_BT = torch.zeros(len(samples), max(len(s.input_ids) for s in samples), dtype=torch.long)
-    attention_mask_BT = torch.zeros_like(input_ids_BT)
-    for b, s in enumerate(samples):
-        input_ids_BT[b, : len(s.input_ids)] = torch.tensor(s.input_ids)  # a copy: Ray hands out read-only arrays
-        attention_mask_BT[b, : len(s.input_ids)] = 1
-    return input_ids_BT, attention_mask_BT
+    lengths_B = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
+    mask_BT = np.arange(lengths_B.max()) < lengths_B[:, None]
+    input_ids_BT = np.zeros(mask_BT.shape, dtype=np.int64)
+    input_ids_BT[mask_BT] = np.concatenate([s.input_ids for s in samples])  # row-major = sample order
+    return torch.from_numpy(input_ids_BT), torch.from_numpy(mask_BT.astype(np.int64))
 
 
 class RoutingRecorder:
@@ -129,40 +128,40 @@ class RoutingRecorder:
 
     def _hook(self, module, inputs, output) -> None:
         _, weights_NK, ids_NK = output
-        # router order: highest weight first (some routers return unsorted top-k)
-        weights_NK, order_NK = weights_NK.float().sort(dim=-1, descending=True, stable=True)
-        self._captured.append((ids_NK.gather(-1, order_NK), weights_NK))
+        self._captured.append((ids_NK, weights_NK))
 
     @torch.inference_mode()
     def _record_batch(self, samples: list[TokenizedSample]):
-        lengths = [len(s.input_ids) for s in samples]
-        num_tokens_max = max(lengths)
+        """Flat routing (each sample's (L, n, K) block in turn), and per-sample loss and accuracy."""
         input_ids_BT, attention_mask_BT = (t.to(self.device) for t in pad_batch(samples))
+        batch_size, num_tokens_max = input_ids_BT.shape
 
         self._captured.clear()
         hidden_BTD = self.model.get_decoder()(
             input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False
         ).last_hidden_state
         assert len(self._captured) == self.num_layers, "every MoE router must fire once per batch"
-        ids_LBTK = torch.stack([ids.view(len(samples), num_tokens_max, -1) for ids, _ in self._captured])
-        weights_LBTK = torch.stack([w.view(len(samples), num_tokens_max, -1) for _, w in self._captured])
+        ids_BLTK = torch.stack([ids.view(batch_size, num_tokens_max, -1) for ids, _ in self._captured], 1)
+        weights_BLTK = torch.stack([w.view(batch_size, num_tokens_max, -1) for _, w in self._captured], 1)
+        # router order: highest weight first (some routers return unsorted top-k)
+        weights_BLTK, order_BLTK = weights_BLTK.float().sort(dim=-1, descending=True, stable=True)
+        ids_BLTK = ids_BLTK.gather(-1, order_BLTK)
 
         loss_B, accuracy_B = self._sample_losses(hidden_BTD, input_ids_BT, samples)
-        ids_LBTK, weights_LBTK = ids_LBTK.to(torch.int16).cpu(), weights_LBTK.to(torch.float16).cpu()
-        return [
-            (ids_LBTK[:, b, :n].reshape(-1).numpy(), weights_LBTK[:, b, :n].reshape(-1).numpy())
-            for b, n in enumerate(lengths)
-        ], loss_B.cpu().numpy(), accuracy_B.cpu().numpy()
+        # dropping padding in (B, L, T, K) order leaves each sample's (L, n, K) block contiguous
+        valid_BLTK = attention_mask_BT.bool()[:, None, :, None].expand_as(ids_BLTK)
+        return (ids_BLTK[valid_BLTK].to(torch.int16).cpu().numpy(),
+                weights_BLTK[valid_BLTK].to(torch.float16).cpu().numpy(),
+                loss_B.cpu().numpy(), accuracy_B.cpu().numpy())
 
     def _sample_losses(self, hidden_BTD, input_ids_BT, samples) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean NLL and greedy (argmax) accuracy of each sample's scored tokens; vocabulary logits
         only for scored positions, in chunks."""
-        rows, cols = [], []
-        for b, s in enumerate(samples):
-            positions = torch.arange(s.num_prompt_tokens - 1, len(s.input_ids) - 1)
-            rows.append(torch.full_like(positions, b))
-            cols.append(positions)
-        rows_N, cols_N = torch.cat(rows).to(self.device), torch.cat(cols).to(self.device)
+        first_B = np.array([s.num_prompt_tokens - 1 for s in samples])  # position predicting token 1
+        count_B = np.array([len(s.input_ids) for s in samples]) - 1 - first_B
+        rows_N = np.repeat(np.arange(len(samples)), count_B)
+        cols_N = np.arange(len(rows_N)) - np.repeat(np.cumsum(count_B) - count_B - first_B, count_B)
+        rows_N, cols_N = torch.from_numpy(rows_N).to(self.device), torch.from_numpy(cols_N).to(self.device)
         targets_N = input_ids_BT[rows_N, cols_N + 1]
         lm_head = self.model.get_output_embeddings()
         nll_N = torch.empty(len(rows_N), dtype=torch.float32, device=self.device)
@@ -172,43 +171,39 @@ class RoutingRecorder:
             logits_NV = lm_head(hidden_BTD[rows_N[chunk], cols_N[chunk]]).float()
             nll_N[chunk] = F.cross_entropy(logits_NV, targets_N[chunk], reduction="none")
             correct_N[chunk] = (logits_NV.argmax(-1) == targets_N[chunk]).float()
-        count_B = torch.zeros(len(samples), dtype=torch.float32, device=self.device)
-        count_B.index_add_(0, rows_N, torch.ones_like(nll_N))
+        count_B = torch.from_numpy(count_B).to(self.device, torch.float32)
         loss_B = torch.zeros_like(count_B).index_add_(0, rows_N, nll_N) / count_B
         return loss_B, torch.zeros_like(count_B).index_add_(0, rows_N, correct_N) / count_B
 
     def record(self, samples: Sequence[TokenizedSample], *, checkpoint: str, step: int) -> pa.Table:
         """The routing table of `samples` (rows in the given order)."""
+        batches = length_buckets([len(s.input_ids) for s in samples], max_tokens_per_batch=self.max_tokens_per_batch)
         handles = [router.register_forward_hook(self._hook) for _, router in self.routers]
         try:
-            routing: list = [None] * len(samples)
-            losses = np.zeros(len(samples), dtype=np.float32)
-            accuracy = np.zeros(len(samples), dtype=np.float32)
-            batches = length_buckets([len(s.input_ids) for s in samples],
-                                     max_tokens_per_batch=self.max_tokens_per_batch)
-            for batch in batches:
-                per_sample, loss_B, accuracy_B = self._record_batch([samples[i] for i in batch])
-                for position, i in enumerate(batch):
-                    routing[i], losses[i], accuracy[i] = per_sample[position], loss_B[position], accuracy_B[position]
+            results = [self._record_batch([samples[i] for i in batch]) for batch in batches]
         finally:
             for handle in handles:
                 handle.remove()
-        table = routing_table(samples, routing, losses, checkpoint=checkpoint, step=step,
+        order = [i for batch in batches for i in batch]
+        ids, weights, losses, accuracy = [np.concatenate(parts) for parts in zip(*results, strict=True)] or [[]] * 4
+        table = routing_table([samples[i] for i in order], ids, weights, losses, checkpoint=checkpoint, step=step,
                               keep_input_ids=self.keep_input_ids, token_accuracy=accuracy)
         shape = {"num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k}
-        return table.replace_schema_metadata({k: str(v) for k, v in shape.items()})
+        return table.take(np.argsort(order)).replace_schema_metadata({k: str(v) for k, v in shape.items()})
 
 
-def _list_array(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    values = np.concatenate(arrays) if arrays else np.zeros(0)
+def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
 
 
-def routing_table(samples, routing, losses, *, checkpoint: str, step: int, keep_input_ids: bool,
+def routing_table(samples, topk_ids, topk_weights, losses, *, checkpoint: str, step: int, keep_input_ids: bool,
                   token_accuracy=None):
+    """The routing table; `topk_ids`/`topk_weights` hold each sample's (L, n, K) block in turn."""
     num_rows = len(samples)
+    num_tokens = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
+    per_token = len(topk_ids) // max(int(num_tokens.sum()), 1)  # L * K
     if token_accuracy is None:
         token_accuracy = np.full(num_rows, np.nan, dtype=np.float32)
     columns = {
@@ -216,15 +211,16 @@ def routing_table(samples, routing, losses, *, checkpoint: str, step: int, keep_
         "step": pa.array([step] * num_rows, pa.int64()),
         "sample_id": pa.array([s.sample_id for s in samples], pa.string()),
         "group": pa.array([s.group for s in samples], pa.string()),
-        "num_tokens": pa.array([len(s.input_ids) for s in samples], pa.int32()),
+        "num_tokens": pa.array(num_tokens, pa.int32()),
         "num_prompt_tokens": pa.array([s.num_prompt_tokens for s in samples], pa.int32()),
-        "topk_ids": _list_array([ids for ids, _ in routing], pa.int16()),
-        "topk_weights": _list_array([w for _, w in routing], pa.float16()),
+        "topk_ids": _list_array(topk_ids, num_tokens * per_token, pa.int16()),
+        "topk_weights": _list_array(topk_weights, num_tokens * per_token, pa.float16()),
         "loss": pa.array(losses, pa.float32()),
         "token_accuracy": pa.array(token_accuracy, pa.float32()),
     }
     schema = ROUTING_SCHEMA
     if keep_input_ids:
-        columns["input_ids"] = _list_array([s.input_ids.astype(np.int32) for s in samples], pa.int32())
+        input_ids = np.concatenate([s.input_ids for s in samples]) if samples else np.zeros(0)
+        columns["input_ids"] = _list_array(input_ids, num_tokens, pa.int32())
         schema = schema.append(pa.field("input_ids", pa.list_(pa.int32())))
     return pa.table(columns, schema=schema)

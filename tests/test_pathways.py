@@ -19,8 +19,9 @@ def make_table(routes, *, num_layers, num_experts, top_k, num_prompt=None, check
                         1 if num_prompt is None else num_prompt[i])
         for i, (ids, _) in enumerate(routes)
     ]
-    routing = [(ids.astype(np.int16).ravel(), w.astype(np.float16).ravel()) for ids, w in routes]
-    table = routing_table(samples, routing, np.arange(len(routes), dtype=np.float32),
+    ids = np.concatenate([ids.astype(np.int16).ravel() for ids, _ in routes])
+    weights = np.concatenate([w.astype(np.float16).ravel() for _, w in routes])
+    table = routing_table(samples, ids, weights, np.arange(len(routes), dtype=np.float32),
                           checkpoint=checkpoint, step=step, keep_input_ids=False)
     meta = {"num_layers": num_layers, "num_experts": num_experts, "top_k": top_k}
     return table.replace_schema_metadata({k: str(v) for k, v in meta.items()})

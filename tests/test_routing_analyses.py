@@ -21,9 +21,9 @@ def random_ids(rng, num_layers, num_tokens, num_experts, k):
 def table_of(ids_per_sample, input_ids_per_sample, num_layers, k):
     samples = [TokenizedSample(f"s{i}", "g" + str(i % 2), np.asarray(tok), 1)
                for i, tok in enumerate(input_ids_per_sample)]
-    routing = [(ids.astype(np.int16).ravel(), np.ones(ids.size, np.float16)) for ids in ids_per_sample]
-    return routing_table(samples, routing, np.zeros(len(samples), np.float32), checkpoint="c", step=0,
-                         keep_input_ids=True)
+    ids = np.concatenate([ids.astype(np.int16).ravel() for ids in ids_per_sample])
+    return routing_table(samples, ids, np.ones(ids.size, np.float16), np.zeros(len(samples), np.float32),
+                         checkpoint="c", step=0, keep_input_ids=True)
 
 
 @pytest.mark.parametrize(("num_experts", "k"), [(64, 8), (8, 2)])  # OLMoE- and Mixtral-shaped
