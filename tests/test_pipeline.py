@@ -7,8 +7,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
+from safetensors.numpy import load_file
 
+from moegrok.metrics_table import checkpoint_features, group_rows
 from moegrok.pipeline import run_monitor
 from moegrok.store import RunDir
 from tests.conftest import monitor_config
@@ -39,6 +42,17 @@ def test_toy_sweep_end_to_end(tiny_zoo, tmp_path, ray_cluster):
     assert len(routing) == 40 and routing["sample_id"].is_unique
     accuracy = pd.read_parquet(run.accuracy)
     assert len(accuracy) == 6 and accuracy["n"].sum() == 3 * 40
+    # the Ray Data reduce gives what the same functions give in one process
+    memorized = pd.read_parquet(run.memorized)
+    since = dict(zip(memorized["sample_id"], memorized["memorized_since"], strict=True))
+    features = checkpoint_features(pq.read_table(sorted((run.root / "routing" / "step3").glob("*.parquet"))),
+                                   load_file(run.checkpoint_weights("step3"))["routers"],
+                                   threshold=cfg.metrics.threshold, positions=list(cfg.metrics.positions))
+    for group, members in features.groupby("group"):
+        expected = group_rows(members, memorized=since, positions=list(cfg.metrics.positions),
+                              max_pairs=cfg.metrics.max_pairs, seed=cfg.metrics.seed)
+        got = metrics[(metrics["checkpoint"] == "step3") & (metrics["group"] == group)]
+        pd.testing.assert_frame_equal(got[expected.columns].reset_index(drop=True), expected, check_dtype=False)
     # a second run skips every recorded and evaluated unit and reproduces the tables
     before = {name: pd.read_parquet(run.root / name) for name in TABLES}
     stamps = {p: p.stat().st_mtime_ns for p in (run.root / "routing").rglob("*.parquet")}

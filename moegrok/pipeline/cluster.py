@@ -26,6 +26,9 @@ def init_ray(cfg: ClusterConfig) -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = False  # the stages draw their own
     context.print_on_execution_start = False
+    # Ray 2.60's DataSourceV2 Parquet read lists files in one slow task (3.5 s for 54 local files)
+    # and packs small files into one read task; the V1 path reads them in parallel (3.3 vs 8.2 s)
+    context.use_datasource_v2 = False
 
 
 def cluster_has_gpus() -> bool:

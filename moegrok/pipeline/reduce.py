@@ -1,7 +1,7 @@
 """Reduce stage: routing tables -> memorized.parquet, sample_metrics.parquet, metrics.parquet.
 
 Ray Data reads the recorded shards, maps them to per-sample pathway features (pathways.py)
-and groups them by (checkpoint, group) into the pathway metrics, for the memorized samples and
+and reduces each (checkpoint, group) to the pathway metrics, for the memorized samples and
 for all samples. Positions variants other than "all" get their metric columns suffixed.
 """
 
@@ -42,6 +42,12 @@ def _features_batch(batch: pa.Table, *, run_root: str, threshold: float, positio
     ], ignore_index=True)
 
 
+def _group_metrics_batch(batch: pd.DataFrame, **kwargs) -> pd.DataFrame:
+    """Metrics of each (checkpoint, group) in a batch; a batch holds whole groups."""
+    return pd.concat([group_rows(members, **kwargs) for _, members in batch.groupby(["checkpoint", "group"])],
+                     ignore_index=True)
+
+
 def unit_files(run: RunDir, refs: list[CheckpointRef], num_shards: int) -> dict[tuple[str, int], Path]:
     """Routing files of this sweep's completed units only (stale files are never read)."""
     paths = {(ref.name, index): run.routing_shard(ref.name, index) for ref in refs for index in range(num_shards)}
@@ -55,12 +61,11 @@ def reduce_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef], num
     if not files:
         raise RuntimeError(f"no recorded routing in {run.root / 'routing'}: run the record stage first")
     metrics_cfg = cfg.metrics
-    features = ray.data.read_parquet(files).map_batches(
-        _features_batch, batch_format="pyarrow", batch_size=1024,
+    per_sample = ray.data.read_parquet(files).map_batches(
+        _features_batch, batch_format="pyarrow", batch_size=None,
         fn_kwargs={"run_root": str(run.root), "threshold": metrics_cfg.threshold,
                    "positions": list(metrics_cfg.positions)},
-    ).materialize()
-    per_sample = features.to_pandas().sort_values(["step", "checkpoint", "group", "sample_id"], ignore_index=True)
+    ).to_pandas().sort_values(["step", "checkpoint", "group", "sample_id"], ignore_index=True)
     memo = metrics_cfg.memorization
     memorized = select_memorized(per_sample[["step", "sample_id", "group", "loss"]], delta=memo.delta,
                                  eps=memo.eps, target_fraction=memo.target_fraction)
@@ -69,10 +74,10 @@ def reduce_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef], num
         write_parquet(per_sample.drop(columns=[c for c in per_sample if c.startswith("layer_pathways")]),
                       run.sample_metrics)
     since = dict(zip(memorized["sample_id"], memorized["memorized_since"], strict=True))
-    num_keys = len(refs) * per_sample["group"].nunique()
-    num_partitions = max(1, min(num_keys, int(ray.cluster_resources().get("CPU", 1))))
-    metrics = features.groupby(["checkpoint", "group"], num_partitions=num_partitions).map_groups(
-        group_rows, batch_format="pandas",
+    # the driver holds every sample's features already: one block per (checkpoint, group), no shuffle
+    partitions = [members for _, members in per_sample.groupby(["checkpoint", "group"], sort=False)]
+    metrics = ray.data.from_pandas(partitions).map_batches(
+        _group_metrics_batch, batch_format="pandas", batch_size=None,
         fn_kwargs={"memorized": since, "positions": list(metrics_cfg.positions),
                    "max_pairs": metrics_cfg.max_pairs, "seed": metrics_cfg.seed},
     ).to_pandas()
