@@ -185,7 +185,8 @@ class RoutingRecorder:
             for handle in handles:
                 handle.remove()
         order = [i for batch in batches for i in batch]
-        ids, weights, losses, accuracy = [np.concatenate(parts) for parts in zip(*results, strict=True)] or [[]] * 4
+        columns = [np.concatenate(parts) for parts in zip(*results, strict=True)]
+        ids, weights, losses, accuracy = columns or [[]] * 4  # no batches: no samples
         table = routing_table([samples[i] for i in order], ids, weights, losses, checkpoint=checkpoint, step=step,
                               keep_input_ids=self.keep_input_ids, token_accuracy=accuracy)
         shape = {"num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k}
