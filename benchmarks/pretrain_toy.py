@@ -1,7 +1,7 @@
 """Toy-zoo training speed and the wall time to the grokking criterion.
 
     python benchmarks/pretrain_toy.py            # trains the default zoo into a temp dir
-    python benchmarks/pretrain_toy.py --zoo zoo/default --steps 50   # steps/s only
+    python benchmarks/pretrain_toy.py --steps 50   # steps/s only
 
 The criterion: for at least 2 groups, held-out accuracy <= 0.3 at the step where train accuracy
 first reaches 0.99, and >= 0.9 by the end. Time to criterion = wall time until the last of those

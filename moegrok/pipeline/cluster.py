@@ -11,16 +11,16 @@ from moegrok.config import ClusterConfig
 
 
 def init_ray(cfg: ClusterConfig) -> None:
-    """Join the configured cluster, or start a local Ray sized by the config."""
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, log_to_driver=True)
+    """Join the configured cluster or start a local Ray sized by the config (unless Ray already
+    runs), and set the Ray Data options the stages rely on."""
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        if cfg.address:
+            ray.init(address=cfg.address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, log_to_driver=True)
     from ray.data import DataContext
 
     context = DataContext.get_current()
