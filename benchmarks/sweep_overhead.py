@@ -93,7 +93,8 @@ def main() -> None:
         return seconds
 
     sizes = (3, args.checkpoints)
-    plain_loop(config("unused", 1, 1)), pipeline(1, 1)  # warm-up: imports, Ray worker processes
+    plain_loop(config("unused", 1, 1))  # warm-up: imports, Ray worker processes
+    pipeline(1, 1)
     plain = {n: plain_loop(config("unused", n, 1)) for n in sizes}
     ours = {n: pipeline(n, 1) for n in sizes}
     for n in sizes:

@@ -1,10 +1,11 @@
 import shutil
 import subprocess
 
+import pandas as pd
 import pytest
 
 from moegrok.pipeline import run_monitor
-from moegrok.report import write_report
+from moegrok.report import CURVE_METRICS, write_report
 from moegrok.store import RunDir
 from tests.conftest import monitor_config
 
@@ -58,10 +59,6 @@ def test_report_renders_in_headless_chromium(stored_run, tmp_path):
 
 def test_report_without_accuracy_or_metric_values_draws_accuracy_alone(stored_run, tmp_path):
     """Evaluation off and no memorized sample yet: the report is still written, and says why."""
-    import pandas as pd
-
-    from moegrok.report import CURVE_METRICS
-
     run_dir = tmp_path / "run"
     shutil.copytree(stored_run.root, run_dir)
     run = RunDir(run_dir)
