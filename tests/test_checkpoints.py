@@ -9,7 +9,7 @@ from moegrok.checkpoints import (
     parse_name,
 )
 from moegrok.config import CheckpointsConfig, ModelConfig
-from tests.conftest import save_tiny_moe
+from tests.helpers import save_tiny_moe
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moegrok.evaluation.benchmarks import BenchmarkError, Item, load_benchmark
 from moegrok.evaluation.engines import HFEngine
 from moegrok.evaluation.scoring import accuracy_rows, choose, code_passes, exact_match, normalize, score_items
-from tests.conftest import save_tiny_moe
+from tests.helpers import save_tiny_moe
 
 
 def test_normalize_and_exact_match():

@@ -12,7 +12,7 @@ from moegrok.samples import tokenize_samples
 from moegrok.toy.data import make_examples
 from moegrok.toy.model import build_model
 from moegrok.toy.tokenizer import build_tokenizer, residue_token_ids
-from tests.conftest import monitor_config, tiny_toy_config
+from tests.helpers import monitor_config, tiny_toy_config
 
 
 class AnswerDataset(torch.utils.data.Dataset):

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 from moegrok.metrics_table import checkpoint_features, group_rows
 from moegrok.pipeline import run_monitor
 from moegrok.store import RunDir
-from tests.conftest import monitor_config
+from tests.helpers import monitor_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("metrics.parquet", "memorized.parquet", "accuracy.parquet", "sample_metrics.parquet")

@@ -7,7 +7,7 @@ import pytest
 from moegrok.pipeline import run_monitor
 from moegrok.report import CURVE_METRICS, write_report
 from moegrok.store import RunDir
-from tests.conftest import monitor_config
+from tests.helpers import monitor_config
 
 FIGURES = ("curves_add_heldout.png", "scatter_add_heldout.png", "curves_mul_heldout.png", "med_vs_heldout_loss.png",
            "routing_vs_step.png", "coactivation.png", "domain_specialization.png")

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moegrok.routing import RoutingRecorder, adapter_for, length_buckets, router_weights
 from moegrok.samples import TokenizedSample
 from moegrok.store import ROUTING_SCHEMA
-from tests.conftest import MOE_FAMILIES, save_tiny_moe
+from tests.helpers import MOE_FAMILIES, save_tiny_moe
 
 
 def reference_topk(family: str, logits_NE: torch.Tensor, router, config):

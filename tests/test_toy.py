@@ -9,7 +9,7 @@ from moegrok.toy.data import make_examples
 from moegrok.toy.summary import grokking_summary
 from moegrok.toy.tokenizer import build_tokenizer
 from moegrok.toy.train import checkpoint_steps, lr_at, train_toy
-from tests.conftest import tiny_toy_config
+from tests.helpers import tiny_toy_config
 
 
 def test_splits_are_disjoint_deterministic_and_sized():

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moegrok.config import TuneConfig
 from moegrok.tuning import InstructionError, evaluate_loss, lora_model, read_instructions, tune_checkpoint
-from tests.conftest import save_tiny_moe
+from tests.helpers import save_tiny_moe
 
 
 def instructions(tmp_path, count=48):

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moegrok.evaluation.benchmarks import Item
 from moegrok.evaluation.engines import HFEngine, VLLMEngine
 from moegrok.evaluation.scoring import score_items
-from tests.conftest import save_tiny_moe
+from tests.helpers import save_tiny_moe
 
 pytestmark = pytest.mark.vllm
 
