@@ -1,20 +1,102 @@
 """Dataclass schemas for every config group, registered in Hydra's ConfigStore.
 
 Jobs convert their DictConfig with `OmegaConf.to_object`, so `__post_init__` validation runs
-at start-up and the library only ever sees these dataclasses. Errors name the config key.
+at start-up and the library only ever sees these dataclasses. Choice fields are `StrEnum`s
+(Hydra rejects any other value, naming the key); every other check raises a ConfigError that
+names the key.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 MISSING = "???"
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
 def _check(ok: bool, key: str, value: object, expected: str) -> None:
     if not ok:
-        raise ValueError(f"config key {key}={value!r}: expected {expected}")
+        raise ConfigError(f"config key {key}={value!r}: expected {expected}")
+
+
+def as_plain(cfg: object) -> dict:
+    """A config dataclass as plain dicts, lists and scalars (enums as their values), for YAML
+    and fingerprints."""
+    import dataclasses
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _choice(enum: type[StrEnum], value: object, key: str) -> StrEnum:
+    """`value` as a member of `enum` (configs built in Python get the same check Hydra makes)."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise ConfigError(f"config key {key}={value!r}: expected one of {', '.join(enum)}") from None
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
+
+
+class ToyOperation(StrEnum):
+    """The toy zoo's operations (moegrok.toy.data defines what each computes)."""
+
+    add = "add"
+    sub = "sub"
+    mul = "mul"
+    div = "div"
+    sqsum = "sqsum"
+
+
+class Schedule(StrEnum):
+    constant = "constant"
+    cosine = "cosine"
+    wsd = "wsd"  # warmup, stable, then linear decay
+
+
+class Dtype(StrEnum):
+    auto = "auto"  # bf16 on GPU, fp32 on CPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Positions(StrEnum):
+    all = "all"  # every token of a sample (the paper)
+    answer = "answer"  # the positions that predict a scored token
+
+
+class Engine(StrEnum):
+    auto = "auto"  # vllm when the cluster has GPUs, else hf
+    vllm = "vllm"
+    hf = "hf"
+
+
+class TuneMethod(StrEnum):
+    none = "none"
+    lora = "lora"
+
+
+class SampleSet(StrEnum):
+    memorized = "memorized"
+    all = "all"
+
+
+class Stage(StrEnum):
+    all = "all"
+    record = "record"
+    reduce = "reduce"
+    tune = "tune"
+    evaluate = "evaluate"
+    analyze = "analyze"
+    report = "report"
 
 
 # --------------------------------------------------------------------------- toy zoo
@@ -23,7 +105,7 @@ def _check(ok: bool, key: str, value: object, expected: str) -> None:
 @dataclass
 class ToyGroupConfig:
     name: str = MISSING
-    op: str = MISSING  # one of moegrok.toy.data.OPERATIONS
+    op: ToyOperation = ToyOperation.add
     train_fraction: float = 0.5
 
 
@@ -32,25 +114,22 @@ class ToyDataConfig:
     p: int = 47
     groups: list[ToyGroupConfig] = field(
         default_factory=lambda: [
-            ToyGroupConfig("add", "add", 0.7),
-            ToyGroupConfig("sub", "sub", 0.5),
-            ToyGroupConfig("mul", "mul", 0.1),  # memorizes, never generalizes: a negative control
+            ToyGroupConfig("add", ToyOperation.add, 0.7),
+            ToyGroupConfig("sub", ToyOperation.sub, 0.5),
+            ToyGroupConfig("mul", ToyOperation.mul, 0.1),  # memorizes, never generalizes: a negative control
         ]
     )
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from moegrok.toy.data import OPERATIONS, is_prime
-
-        _check(is_prime(self.p), "data.p", self.p, "a prime number")
+        _check(_is_prime(self.p), "data.p", self.p, "a prime number")
         _check(len(self.groups) > 0, "data.groups", self.groups, "at least one group")
         names = [g.name for g in self.groups]
         _check(len(set(names)) == len(names), "data.groups", names, "unique group names")
         for i, group in enumerate(self.groups):
-            key = f"data.groups[{i}]"
-            _check(group.op in OPERATIONS, f"{key}.op", group.op, f"one of {sorted(OPERATIONS)}")
+            group.op = _choice(ToyOperation, group.op, f"data.groups[{i}].op")
             frac = group.train_fraction
-            _check(0.0 < frac < 1.0, f"{key}.train_fraction", frac, "a number in (0, 1)")
+            _check(0.0 < frac < 1.0, f"data.groups[{i}].train_fraction", frac, "a number in (0, 1)")
 
 
 @dataclass
@@ -72,6 +151,8 @@ class ToyModelConfig:
                f"head_dim = hidden_size / num_heads >= 32 so vLLM can serve it (got {head_dim})")
         _check(1 <= self.top_k <= self.num_experts, "model.top_k", self.top_k,
                f"1 <= top_k <= model.num_experts={self.num_experts}")
+        for key in ("intermediate_size", "num_layers"):
+            _check(getattr(self, key) > 0, f"model.{key}", getattr(self, key), "> 0")
 
 
 @dataclass
@@ -82,7 +163,7 @@ class ToyTrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     warmup_steps: int = 0
-    schedule: str = "wsd"  # constant | cosine | wsd (warmup, stable, then linear decay)
+    schedule: Schedule = Schedule.wsd
     decay_fraction: float = 0.3  # wsd: share of max_steps spent decaying at the end
     min_lr_ratio: float = 0.1
     grad_clip: float = 0.0  # 0 = off
@@ -92,13 +173,15 @@ class ToyTrainConfig:
     num_threads: int = 2  # fixed, so a zoo is reproducible bit for bit on a machine; 0 = torch default
     # live pathway metrics of a fixed probe set of training samples at every logging step
     monitor_samples_per_group: int = 64  # 0 = off
-    monitor_positions: list[str] = field(default_factory=lambda: ["all", "answer"])
+    monitor_positions: list[Positions] = field(default_factory=lambda: [Positions.all, Positions.answer])
     experts_implementation: str = "grouped_mm"
     attn_implementation: str = "eager"  # fastest for the toy's 5-9 token sequences on CPU
 
     def __post_init__(self) -> None:
-        _check(self.schedule in ("constant", "cosine", "wsd"), "train.schedule", self.schedule,
-               "constant, cosine or wsd")
+        self.schedule = _choice(Schedule, self.schedule, "train.schedule")
+        self.monitor_positions = [_choice(Positions, p, "train.monitor_positions") for p in self.monitor_positions]
+        _check(self.lr > 0, "train.lr", self.lr, "> 0")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, ">= 0")
         _check(0.0 <= self.decay_fraction <= 1.0, "train.decay_fraction", self.decay_fraction,
                "a number in [0, 1]")
         _check(self.max_steps > 0, "train.max_steps", self.max_steps, "> 0")
@@ -121,7 +204,7 @@ class PretrainToyConfig:
 class ModelConfig:
     """How checkpoints are loaded (config group `model/`)."""
 
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: Dtype = Dtype.auto
     attn_implementation: str = "sdpa"
     experts_implementation: str = ""  # "" = the transformers default; eager | grouped_mm | ...
     trust_remote_code: bool = False
@@ -129,8 +212,8 @@ class ModelConfig:
     residue_tokens: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype", self.dtype,
-               "auto, float32, bfloat16 or float16")
+        self.dtype = _choice(Dtype, self.dtype, "model.dtype")
+        _check(self.residue_tokens >= 0, "model.residue_tokens", self.residue_tokens, ">= 0")
 
 
 @dataclass
@@ -153,6 +236,8 @@ class CheckpointsConfig:
     def __post_init__(self) -> None:
         _check(self.every_nth >= 1, "checkpoints.every_nth", self.every_nth, ">= 1")
         _check(self.num_evenly_spaced >= 0, "checkpoints.num_evenly_spaced", self.num_evenly_spaced, ">= 0")
+        _check(self.min_step is None or self.max_step is None or self.min_step <= self.max_step,
+               "checkpoints.max_step", self.max_step, f">= checkpoints.min_step={self.min_step}")
 
 
 @dataclass
@@ -169,6 +254,7 @@ class SamplesConfig:
     def __post_init__(self) -> None:
         _check(self.shard_size > 0, "samples.shard_size", self.shard_size, "> 0")
         _check(self.max_tokens >= 2, "samples.max_tokens", self.max_tokens, ">= 2")
+        _check(self.max_per_group >= 0, "samples.max_per_group", self.max_per_group, ">= 0 (0 = all)")
 
 
 @dataclass
@@ -181,6 +267,19 @@ class RecordConfig:
     num_cpus: float = 1
     max_retries: int = 1  # retries of a failed unit before it goes to failures.parquet
 
+    def __post_init__(self) -> None:
+        _check_workers("record", self)
+        _check(self.max_tokens_per_batch > 0, "record.max_tokens_per_batch", self.max_tokens_per_batch, "> 0")
+        _check(self.loss_chunk_tokens > 0, "record.loss_chunk_tokens", self.loss_chunk_tokens, "> 0")
+
+
+def _check_workers(section: str, cfg: RecordConfig | EvalConfig | TuneConfig) -> None:
+    """The actor settings that record, evaluate and tune share."""
+    _check(cfg.num_actors >= 1, f"{section}.num_actors", cfg.num_actors, ">= 1")
+    _check(cfg.num_gpus >= 0 or cfg.num_gpus == -1, f"{section}.num_gpus", cfg.num_gpus, ">= 0, or -1 (auto)")
+    _check(cfg.num_cpus >= 0, f"{section}.num_cpus", cfg.num_cpus, ">= 0")
+    _check(cfg.max_retries >= 0, f"{section}.max_retries", cfg.max_retries, ">= 0")
+
 
 @dataclass
 class MemorizationConfig:
@@ -188,16 +287,21 @@ class MemorizationConfig:
     eps: float | None = None  # fixed eps; None = per group, to reach target_fraction
     target_fraction: float = 0.2
 
+    def __post_init__(self) -> None:
+        _check(self.delta >= 0, "metrics.memorization.delta", self.delta, ">= 0")
+        _check(self.eps is None or self.eps > 0, "metrics.memorization.eps", self.eps, "> 0, or null")
+        _check(0.0 < self.target_fraction <= 1.0, "metrics.memorization.target_fraction", self.target_fraction,
+               "a number in (0, 1]")
+
 
 @dataclass
 class MetricsConfig:
     threshold: float = 0.7  # cumulative routing-weight share kept in a pathway
     # token positions a pathway averages over: all (the paper) | answer (positions predicting a
     # scored token). Each extra entry adds its metric columns with the suffix _<positions>.
-    positions: list[str] = field(default_factory=lambda: ["all"])
+    positions: list[Positions] = field(default_factory=lambda: [Positions.all])
     max_pairs: int = 2_000_000  # exact all pairs up to this many, then a seeded sample of pairs
     seed: int = 0
-    write_sample_metrics: bool = True  # per-sample pathways and consistency, sample_metrics.parquet
     # the OLMoE paper's routing analyses (saturation, co-activation, specialization, load)
     routing_analyses: bool = True
     saturation_reference: str | None = None  # checkpoint name; None = the last one
@@ -206,8 +310,10 @@ class MetricsConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 < self.threshold < 1.0, "metrics.threshold", self.threshold, "a number in (0, 1)")
-        _check(len(self.positions) > 0 and set(self.positions) <= {"all", "answer"}, "metrics.positions",
-               self.positions, "a non-empty list of: all, answer")
+        self.positions = [_choice(Positions, p, "metrics.positions") for p in self.positions]
+        _check(len(self.positions) > 0 and len(set(self.positions)) == len(self.positions), "metrics.positions",
+               self.positions, "a non-empty list of distinct positions")
+        _check(self.vocab_min_count >= 1, "metrics.vocab_min_count", self.vocab_min_count, ">= 1")
         _check(self.max_pairs > 0, "metrics.max_pairs", self.max_pairs, "> 0")
 
 
@@ -223,7 +329,7 @@ class EvalConfig:
 
     enabled: bool = True
     benchmarks: list[BenchmarkConfig] = field(default_factory=list)
-    engine: str = "auto"  # auto (vllm when the cluster has GPUs, else hf) | vllm | hf
+    engine: Engine = Engine.auto
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
     max_new_tokens: int = 16
@@ -236,14 +342,24 @@ class EvalConfig:
     max_retries: int = 1
 
     def __post_init__(self) -> None:
-        _check(self.engine in ("auto", "vllm", "hf"), "eval.engine", self.engine, "auto, vllm or hf")
+        self.engine = _choice(Engine, self.engine, "eval.engine")
+        _check_workers("eval", self)
+        _check(self.tensor_parallel_size >= 1, "eval.tensor_parallel_size", self.tensor_parallel_size, ">= 1")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0, "eval.gpu_memory_utilization",
+               self.gpu_memory_utilization, "a number in (0, 1]")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, ">= 1")
+        _check(self.max_items >= 0, "eval.max_items", self.max_items, ">= 0 (0 = all)")
+        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
+        _check(self.code_timeout_s > 0, "eval.code_timeout_s", self.code_timeout_s, "> 0")
+        names = [b.name for b in self.benchmarks]
+        _check(len(set(names)) == len(names), "eval.benchmarks", names, "unique benchmark names")
 
 
 @dataclass
 class TuneConfig:
     """Optional LoRA instruction tuning of every checkpoint before evaluation (group `tune/`)."""
 
-    method: str = "none"  # none | lora
+    method: TuneMethod = TuneMethod.none
     data: str | None = None  # jsonl with prompt, completion; None = the sweep's prompt/completion samples
     max_examples: int = 0  # 0 = all
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
@@ -261,21 +377,28 @@ class TuneConfig:
     max_retries: int = 1
 
     def __post_init__(self) -> None:
-        _check(self.method in ("none", "lora"), "tune.method", self.method, "none or lora")
+        self.method = _choice(TuneMethod, self.method, "tune.method")
+        _check_workers("tune", self)
         _check(self.rank > 0, "tune.rank", self.rank, "> 0")
         _check(self.epochs > 0, "tune.epochs", self.epochs, "> 0")
+        _check(self.lr > 0, "tune.lr", self.lr, "> 0")
+        _check(self.batch_size >= 1, "tune.batch_size", self.batch_size, ">= 1")
+        _check(self.max_length >= 2, "tune.max_length", self.max_length, ">= 2")
+        _check(0.0 <= self.dropout < 1.0, "tune.dropout", self.dropout, "a number in [0, 1)")
 
 
 @dataclass
 class AnalysisConfig:
     group_map: dict[str, str] = field(default_factory=dict)  # training group -> benchmark group
-    sample_set: str = "memorized"  # memorized | all
+    sample_set: SampleSet = SampleSet.memorized
     min_rise: float = 0.1  # accuracy onset: the rise that counts as generalization
     memorized_accuracy: float = 0.99  # train accuracy at which a group counts as memorized
 
     def __post_init__(self) -> None:
-        _check(self.sample_set in ("memorized", "all"), "analysis.sample_set", self.sample_set,
-               "memorized or all")
+        self.sample_set = _choice(SampleSet, self.sample_set, "analysis.sample_set")
+        _check(0.0 < self.min_rise <= 1.0, "analysis.min_rise", self.min_rise, "a number in (0, 1]")
+        _check(0.0 < self.memorized_accuracy <= 1.0, "analysis.memorized_accuracy", self.memorized_accuracy,
+               "a number in (0, 1]")
 
 
 @dataclass
@@ -287,14 +410,15 @@ class ClusterConfig:
     num_gpus: int | None = None  # local Ray only
     sync_uri: str | None = None  # fsspec URL the run dir is copied to after each stage
 
-
-STAGES = ("all", "record", "reduce", "tune", "evaluate", "analyze", "report")
+    def __post_init__(self) -> None:
+        _check(self.num_cpus is None or self.num_cpus >= 1, "cluster.num_cpus", self.num_cpus, ">= 1, or null")
+        _check(self.num_gpus is None or self.num_gpus >= 0, "cluster.num_gpus", self.num_gpus, ">= 0, or null")
 
 
 @dataclass
 class MonitorConfig:
     run_dir: str = MISSING
-    stage: str = "all"  # all | record | reduce | tune | evaluate | analyze | report
+    stage: Stage = Stage.all
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
@@ -307,7 +431,7 @@ class MonitorConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
-        _check(self.stage in STAGES, "stage", self.stage, f"one of {STAGES}")
+        self.stage = _choice(Stage, self.stage, "stage")
 
 
 # --------------------------------------------------------------------------- study
@@ -318,6 +442,9 @@ class StudyVariantConfig:
     name: str = MISSING
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted pretrain_toy keys
+
+    def __post_init__(self) -> None:
+        _check(len(self.seeds) > 0, f"variants[{self.name}].seeds", self.seeds, "at least one seed")
 
 
 @dataclass
@@ -330,12 +457,24 @@ class StudyConfig:
     base: PretrainToyConfig = field(default_factory=PretrainToyConfig)
     variants: list[StudyVariantConfig] = field(default_factory=list)
     thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8])
-    sample_sets: list[str] = field(default_factory=lambda: ["memorized", "all"])
+    sample_sets: list[SampleSet] = field(default_factory=lambda: [SampleSet.memorized, SampleSet.all])
     samples_per_group: int = 100
-    eval_engine: str = "hf"
+    eval_engine: Engine = Engine.hf
     eval_items: int = 600
     best_variant_seeds: list[int] = field(default_factory=lambda: [1, 2])
     target: float = 0.95
+
+    def __post_init__(self) -> None:
+        self.eval_engine = _choice(Engine, self.eval_engine, "eval_engine")
+        self.sample_sets = [_choice(SampleSet, s, "sample_sets") for s in self.sample_sets]
+        names = [v.name for v in self.variants]
+        _check(len(set(names)) == len(names), "variants", names, "unique variant names")
+        _check(all(0.0 < t < 1.0 for t in self.thresholds) and self.thresholds, "thresholds", self.thresholds,
+               "a non-empty list of numbers in (0, 1)")
+        _check(len(self.sample_sets) > 0, "sample_sets", self.sample_sets, "a non-empty list")
+        _check(self.samples_per_group > 0, "samples_per_group", self.samples_per_group, "> 0")
+        _check(self.eval_items >= 0, "eval_items", self.eval_items, ">= 0 (0 = all)")
+        _check(0.0 < self.target <= 1.0, "target", self.target, "a number in (0, 1]")
 
 
 # --------------------------------------------------------------------------- registration

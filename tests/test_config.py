@@ -31,15 +31,36 @@ def test_default_configs_resolve():
     assert monitor.checkpoints.dir == "zoo/default" and monitor.eval.engine == "auto"
 
 
+def leaves(node, prefix=""):
+    """(dotted key, value) of every leaf of a YAML mapping, the defaults list left out."""
+    for key, value in node.items():
+        if key == "defaults":
+            continue
+        if isinstance(value, dict):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def assert_applied(composed, values: dict, prefix: str = "") -> None:
+    """Every value the YAML file sets is what the composed config holds."""
+    plain = OmegaConf.to_container(OmegaConf.structured(composed), resolve=True, enum_to_str=True)
+    for key, value in leaves(values):
+        assert OmegaConf.select(OmegaConf.create(plain), prefix + key) == value, (prefix + key, value)
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_resolves(experiment):
+def test_every_experiment_resolves_and_applies_its_values(experiment):
     config = to_object("monitor", [f"experiment={experiment}"])
     assert isinstance(config, MonitorConfig)
+    assert_applied(config, OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")))
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g, options in GROUP_OPTIONS.items() for o in options])
-def test_every_group_option_resolves(group, option):
-    assert isinstance(to_object("monitor", [f"{group}={option}"]), MonitorConfig)
+def test_every_group_option_resolves_and_applies_its_values(group, option):
+    config = to_object("monitor", [f"{group}={option}"])
+    assert isinstance(config, MonitorConfig)
+    assert_applied(config, OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml")), f"{group}.")
 
 
 def test_olmoe_experiment_is_the_paper_protocol():
@@ -61,8 +82,15 @@ def test_bad_values_fail_at_start_up_naming_the_key():
         to_object("monitor", ["metrics.threshold=1.5"])
     with pytest.raises(ValueError, match="data.p=48"):
         to_object("pretrain_toy", ["data.p=48"])
-    with pytest.raises(ValueError, match="stage='recod'"):
-        to_object("monitor", ["stage=recod"])
+    with pytest.raises(ConfigCompositionException, match="stage=recod") as error:
+        compose(config_name="monitor", overrides=["stage=recod"])
+    assert "expected one of [all, record, reduce" in str(error.value.__cause__)
+    with pytest.raises(ValueError, match="record.num_actors=0"):
+        to_object("monitor", ["record.num_actors=0"])
+    with pytest.raises(ValueError, match="eval.max_new_tokens=0"):
+        to_object("monitor", ["eval.max_new_tokens=0"])
+    with pytest.raises(ValueError, match="thresholds"):
+        to_object("study", ["thresholds=[0.5,1.5]"])
 
 
 def test_tuned_experiments_turn_the_tune_stage_on():

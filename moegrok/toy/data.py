@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from moegrok.config import ToyDataConfig
+from moegrok.config import ToyDataConfig, ToyOperation
 
 
 @dataclass(frozen=True)
@@ -23,18 +23,14 @@ class Operation:
     b_nonzero: bool = False
 
 
-OPERATIONS: dict[str, Operation] = {
-    "add": Operation("{a} + {b} =", lambda a, b, p: (a + b) % p),
-    "sub": Operation("{a} - {b} =", lambda a, b, p: (a - b) % p),
-    "mul": Operation("{a} * {b} =", lambda a, b, p: (a * b) % p),
-    "div": Operation("{a} / {b} =", lambda a, b, p: (a * pow(b, p - 2, p)) % p, b_nonzero=True),
-    "sqsum": Operation("{a} ^ 2 + {b} ^ 2 =", lambda a, b, p: (a * a + b * b) % p),
+OPERATIONS: dict[ToyOperation, Operation] = {
+    ToyOperation.add: Operation("{a} + {b} =", lambda a, b, p: (a + b) % p),
+    ToyOperation.sub: Operation("{a} - {b} =", lambda a, b, p: (a - b) % p),
+    ToyOperation.mul: Operation("{a} * {b} =", lambda a, b, p: (a * b) % p),
+    ToyOperation.div: Operation("{a} / {b} =", lambda a, b, p: (a * pow(b, p - 2, p)) % p, b_nonzero=True),
+    ToyOperation.sqsum: Operation("{a} ^ 2 + {b} ^ 2 =", lambda a, b, p: (a * a + b * b) % p),
 }
 SYMBOLS = ("+", "-", "*", "/", "^", "=")
-
-
-def is_prime(n: int) -> bool:
-    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
 
 
 def make_examples(cfg: ToyDataConfig) -> pd.DataFrame:
@@ -60,7 +56,7 @@ def make_examples(cfg: ToyDataConfig) -> pd.DataFrame:
                 {
                     "id": [f"{group.name}-{a}-{b}" for a, b in zip(a_N, b_N, strict=True)],
                     "group": group.name,
-                    "op": group.op,
+                    "op": str(group.op),
                     "a": a_N,
                     "b": b_N,
                     "answer": answers,

@@ -11,7 +11,6 @@ Zoo directory:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -26,10 +25,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import OlmoeForCausalLM, PreTrainedTokenizerFast
 
-from moegrok.config import PretrainToyConfig, ToyTrainConfig
+from moegrok.config import PretrainToyConfig, Schedule, ToyTrainConfig, as_plain
 from moegrok.live import LiveMonitor
 from moegrok.samples import tokenize_samples
-from moegrok.store import atomic_dir, write_parquet
+from moegrok.store import atomic_path, write_parquet
 from moegrok.toy.data import make_examples
 from moegrok.toy.model import build_model
 from moegrok.toy.tokenizer import build_tokenizer, residue_token_ids
@@ -77,9 +76,9 @@ class Split:
 def lr_at(step: int, cfg: ToyTrainConfig) -> float:
     if step <= cfg.warmup_steps:
         return cfg.lr * step / max(cfg.warmup_steps, 1)
-    if cfg.schedule == "constant":
+    if cfg.schedule == Schedule.constant:
         return cfg.lr
-    if cfg.schedule == "wsd":
+    if cfg.schedule == Schedule.wsd:
         decay_start = cfg.max_steps * (1 - cfg.decay_fraction)
         progress = max(step - decay_start, 0) / max(cfg.max_steps - decay_start, 1)
         return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * min(progress, 1.0))
@@ -96,9 +95,8 @@ def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path, step: int) -> 
     tensors = {"step": torch.tensor(step)}
     for index, state in optimizer.state_dict()["state"].items():
         tensors.update({f"{index}.{name}": value for name, value in state.items()})
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp)
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> int:
@@ -140,7 +138,7 @@ def probe_monitor(cfg: PretrainToyConfig, train: pd.DataFrame, tokenizer) -> Liv
 
 
 def _write_zoo_files(cfg: PretrainToyConfig, out: Path, examples: pd.DataFrame) -> None:
-    config_text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    config_text = yaml.safe_dump(as_plain(cfg), sort_keys=False)
     zoo_yaml = out / "zoo.yaml"
     if zoo_yaml.exists() and zoo_yaml.read_text() != config_text:
         raise ValueError(
@@ -203,7 +201,7 @@ def train_toy(
     model.set_attn_implementation(train_cfg.attn_implementation)
 
     def save(step: int) -> None:
-        with atomic_dir(out / f"step{step}") as tmp:
+        with atomic_path(out / f"step{step}", directory=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         state_path.parent.mkdir(exist_ok=True)
