@@ -3,9 +3,8 @@
 Reads only stored tables (metrics.parquet, accuracy.parquet, memorized.parquet).
 
 Rules (the README documents them):
-* Memorization step of a group: the first checkpoint where its training samples' greedy
-  token accuracy (`train_accuracy`) reaches `memorized_accuracy` (0.99); if it never does (text
-  pretraining), the median t*_i of its samples memorized by the loss rule (memorized.parquet).
+* Memorization step of a group: `moegrok.memorization.memorization_steps` (train accuracy, else
+  the loss rule).
 * Onset of a curve: orient it so that "generalizing" is up, take its level at the first
   checkpoint at/after the memorization step as the baseline; the onset is the last checkpoint
   before the curve rises by at least `min_rise` above the baseline and stays there at every
@@ -26,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from moegrok.memorization import MEMORIZED_ACCURACY, memorization_steps
 
 # +1: expected to rise as a group generalizes, -1: to fall (orientation for onsets only)
 DIRECTIONS = {
@@ -49,21 +50,6 @@ def metric_columns(metrics: pd.DataFrame) -> list[str]:
 def direction(metric: str) -> int:
     base = metric.split("_answer")[0]
     return DIRECTIONS.get(base, DIRECTIONS.get(metric, 0))
-
-
-def memorization_steps(metrics: pd.DataFrame, memorized: pd.DataFrame, *, memorized_accuracy: float = 0.99) -> dict:
-    """Per group: (step, rule) -- the first checkpoint with train accuracy >= memorized_accuracy
-    over all samples, else the median step since which its loss-rule-memorized samples are."""
-    loss_rule = memorized.dropna(subset=["memorized_since"]).groupby("group")["memorized_since"].median()
-    everything = metrics[metrics["sample_set"] == "all"].sort_values("step")
-    out = {}
-    for group, rows in everything.groupby("group"):
-        reached = rows[rows["train_accuracy"] >= memorized_accuracy] if "train_accuracy" in rows else rows.iloc[:0]
-        if len(reached):
-            out[group] = (float(reached["step"].iloc[0]), "train_accuracy")
-        elif group in loss_rule:
-            out[group] = (float(loss_rule[group]), "loss_rule")
-    return out
 
 
 def onset(steps: np.ndarray, values: np.ndarray, *, start_step: float, min_rise: float,
@@ -146,7 +132,7 @@ def join_accuracy(metrics: pd.DataFrame, accuracy: pd.DataFrame, *, sample_set: 
 
 def analyze(metrics: pd.DataFrame, accuracy: pd.DataFrame, memorized: pd.DataFrame, *,
             sample_set: str = "memorized", group_map: dict[str, str] | None = None,
-            min_rise: float = 0.1, memorized_accuracy: float = 0.99) -> tuple[pd.DataFrame, pd.DataFrame]:
+            min_rise: float = 0.1, memorized_accuracy: float = MEMORIZED_ACCURACY) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(correlations, onsets) tables."""
     joined = join_accuracy(metrics, accuracy, sample_set=sample_set, group_map=group_map or {})
     mem_steps = memorization_steps(metrics, memorized, memorized_accuracy=memorized_accuracy)

@@ -1,4 +1,4 @@
-"""Training-sample sources, tokenization, sharding and memorized-sample selection.
+"""Training-sample sources, tokenization and sharding.
 
 A source is a jsonl or Parquet file whose records carry `id`, `group`, and either `text` or
 `prompt` + `completion`. The loss of a `text` sample is scored on every token after the first;
@@ -133,58 +133,3 @@ def tokenize_samples(frame: pd.DataFrame, tokenizer, *, max_tokens: int) -> list
 def shard_samples(frame: pd.DataFrame, *, shard_size: int) -> list[pd.DataFrame]:
     """Fixed shards in the frame's order; the same samples always land in the same shard."""
     return [frame.iloc[i : i + shard_size] for i in range(0, len(frame), shard_size)]
-
-
-# --------------------------------------------------------------------------- memorization
-
-
-def memorized_since(losses: pd.DataFrame, *, eps: float, delta: float) -> pd.Series:
-    """Step t*_i since which sample i is memorized, NaN if never (DESIGN "Memorized samples").
-
-    `losses`: columns step, sample_id, loss. Sample i is memorized since t* when for every
-    checkpoint t >= t*: loss_t <= eps and |loss_t - loss_T| <= delta (T = last checkpoint).
-    """
-    loss_NS = losses.pivot_table(index="sample_id", columns="step", values="loss", aggfunc="first")
-    loss_NS = loss_NS.sort_index(axis=1)
-    steps = loss_NS.columns.to_numpy()
-    values = loss_NS.to_numpy()
-    ok_NS = (values <= eps) & (np.abs(values - values[:, -1:]) <= delta)
-    # suffix-all: ok from column s to the end
-    suffix_ok_NS = np.flip(np.logical_and.accumulate(np.flip(ok_NS, axis=1), axis=1), axis=1)
-    first = np.where(suffix_ok_NS.any(axis=1), suffix_ok_NS.argmax(axis=1), -1)
-    since = np.where(first >= 0, steps[np.maximum(first, 0)], np.nan)
-    return pd.Series(since, index=loss_NS.index, name="memorized_since")
-
-
-def select_memorized(
-    losses: pd.DataFrame,
-    *,
-    delta: float = 0.05,
-    eps: float | None = None,
-    target_fraction: float = 0.2,
-    eps_grid_step: float = 0.1,
-    max_eps: float = 10.0,
-) -> pd.DataFrame:
-    """Per group, eps fixed or the smallest multiple of `eps_grid_step` whose share of samples
-    memorized before the last checkpoint reaches `target_fraction` (the paper aims at 20-25%).
-
-    `losses`: columns step, sample_id, group, loss. Returns sample_id, group, eps,
-    memorized_since (NaN = never memorized before the last checkpoint).
-    """
-    last_step = losses["step"].max()
-    parts = []
-    for group, part in losses.groupby("group", sort=True):
-        num_grid = round(max_eps / eps_grid_step)
-        grid = [eps] if eps is not None else [round(k * eps_grid_step, 10) for k in range(1, num_grid + 1)]
-        for candidate in grid:
-            since = memorized_since(part, eps=float(candidate), delta=delta)
-            since = since.where(since < last_step)
-            if since.notna().mean() >= target_fraction:
-                break
-        parts.append(
-            pd.DataFrame(
-                {"sample_id": since.index, "group": group, "eps": float(candidate),
-                 "memorized_since": since.to_numpy()}
-            )
-        )
-    return pd.concat(parts, ignore_index=True)

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import pandas as pd
 
-MEMORIZED_TRAIN_ACC = 0.99
+from moegrok.memorization import MEMORIZED_ACCURACY, first_step_reaching
+
 GENERALIZED_HELDOUT_ACC = 0.9
 LOW_HELDOUT_ACC = 0.3  # held-out acc at the memorization step, at most, for a real lag
 
 
+def _as_int(step: float | None) -> int | None:
+    return None if step is None else int(step)
+
+
 def grokking_summary(train_log: pd.DataFrame) -> pd.DataFrame:
-    """One row per group: memorization step (train acc first >= 0.99), held-out acc there,
-    generalization step (held-out acc first >= 0.9), final held-out acc, and whether the
+    """One row per group: memorization step (train acc first >= MEMORIZED_ACCURACY), held-out acc
+    there, generalization step (held-out acc first >= 0.9), final held-out acc, and whether the
     group grokked (memorized with held-out acc <= 0.3, then generalized).
     """
     rows = []
     for group, log in train_log.sort_values("step").groupby("group", sort=False):
-        memorized = log[log["train_acc"] >= MEMORIZED_TRAIN_ACC]
-        generalized = log[log["heldout_acc"] >= GENERALIZED_HELDOUT_ACC]
-        mem_step = int(memorized["step"].iloc[0]) if len(memorized) else None
-        gen_step = int(generalized["step"].iloc[0]) if len(generalized) else None
-        heldout_at_mem = float(memorized["heldout_acc"].iloc[0]) if len(memorized) else None
+        mem_step = _as_int(first_step_reaching(log["step"], log["train_acc"], MEMORIZED_ACCURACY))
+        gen_step = _as_int(first_step_reaching(log["step"], log["heldout_acc"], GENERALIZED_HELDOUT_ACC))
+        heldout_at_mem = None if mem_step is None else float(log.loc[log["step"] == mem_step, "heldout_acc"].iloc[0])
         final = float(log["heldout_acc"].iloc[-1])
         rows.append(
             {
