@@ -1,5 +1,6 @@
 """Time per 1M routed tokens of the OLMoE paper's routing analyses (16 layers, top-8 of 64),
-vectorized, against a plain Python loop per token on a subset, measured in the same run.
+as the reduce stage computes them (additive statistics, then finalized), against a plain Python
+loop per token on a subset, measured in the same run.
 
     python benchmarks/routing_analyses.py [--tokens 1000000] [--loop-tokens 5000]
 """
@@ -9,13 +10,7 @@ import time
 
 import numpy as np
 
-from moegrok.routing_analyses import (
-    coactivation,
-    domain_specialization,
-    load_balance,
-    router_saturation,
-    vocabulary_specialization,
-)
+from moegrok.routing_analyses import coactivation, domain_specialization, finalize_statistics, token_statistics
 
 NUM_LAYERS, NUM_EXPERTS, TOP_K = 16, 64, 8
 
@@ -30,11 +25,11 @@ def routes(num_tokens: int, seed: int, chunk: int = 50_000) -> np.ndarray:
 
 
 def vectorized(ids, reference, input_ids) -> None:
-    router_saturation(ids, reference)
-    coactivation(ids, NUM_EXPERTS)
-    domain_specialization(ids, NUM_EXPERTS)
-    vocabulary_specialization(ids, input_ids, NUM_EXPERTS)
-    load_balance(ids, NUM_EXPERTS)
+    stats = token_statistics(ids, num_experts=NUM_EXPERTS, reference_LNK=reference, input_ids_N=input_ids,
+                             with_coactivation=True)
+    finalize_statistics(stats, num_experts=NUM_EXPERTS, top_k=TOP_K)
+    coactivation(stats)
+    domain_specialization(stats, top_k=TOP_K)
 
 
 def python_loop(ids, reference, input_ids) -> None:

@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from moegrok.config import StudyConfig, register_configs
-from moegrok.study import run_study, summary_table
+from moegrok.study import run_study, study_summary
 
 register_configs()
 
@@ -18,7 +18,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     config: StudyConfig = OmegaConf.to_object(cfg)
     study = run_study(config)
-    table = summary_table(study, config.target)
+    table = study_summary(study, config.target)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}") if len(table) else "no group grokked")
     print(f"study.parquet and study.html in {config.out_dir}")
 

@@ -1,4 +1,4 @@
-"""The embedding-uniformity progress measure and per-group loss statistics.
+"""The embedding-uniformity progress measure.
 
 Main embedding diff (Gu et al., arXiv 2504.03162): MED = (1/p) sum_i ||phi(i+1) - phi(i)||_2
 over the input embeddings phi of the residue tokens 0..p-1, cyclic (phi(p) = phi(0)). Under
@@ -8,7 +8,6 @@ weight decay it falls as the embedding space becomes uniform, which comes with g
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 
 def main_embedding_diff(embeddings_PD: np.ndarray) -> float:
@@ -18,16 +17,3 @@ def main_embedding_diff(embeddings_PD: np.ndarray) -> float:
         raise ValueError("the main embedding diff needs at least 2 residue embeddings")
     diffs_PD = np.roll(embeddings_PD, -1, axis=0) - embeddings_PD
     return float(np.linalg.norm(diffs_PD, axis=1).mean())
-
-
-def loss_stats(losses: pd.Series) -> dict[str, float]:
-    """Summary of a group's per-sample losses at one checkpoint."""
-    values = losses.to_numpy(dtype=np.float64)
-    if len(values) == 0:
-        return dict.fromkeys(("loss_mean", "loss_median", "loss_std", "loss_p90"), float("nan"))
-    return {
-        "loss_mean": float(values.mean()),
-        "loss_median": float(np.median(values)),
-        "loss_std": float(values.std()),
-        "loss_p90": float(np.quantile(values, 0.9)),
-    }

@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from transformers import TrainerCallback
 
+from moegrok.embedding import main_embedding_diff
 from moegrok.metrics_table import checkpoint_features, group_rows
-from moegrok.progress import main_embedding_diff
 from moegrok.routing import RoutingRecorder, input_embeddings, router_weights
 from moegrok.samples import TokenizedSample
 from moegrok.store import write_parquet

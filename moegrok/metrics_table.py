@@ -1,6 +1,6 @@
 """Routing tables -> per-sample features -> metrics rows, as pure functions.
 
-The reduce stage runs these under Ray Data, the live monitor and the study in-process. Position
+The reduce stage runs these on Ray workers, the live monitor and the study in-process. Position
 variants other than "all" add their feature and metric columns with the suffix `_<positions>`.
 """
 
@@ -11,9 +11,21 @@ import pandas as pd
 import pyarrow as pa
 
 from moegrok.pathways import VARIANT_COLUMNS, group_metrics, sample_features
-from moegrok.progress import loss_stats
 
 SHARED_METRICS = {"num_samples", "num_pairs", "pairs"}  # the same for every position variant
+
+
+def loss_stats(losses: pd.Series) -> dict[str, float]:
+    """Summary of a group's per-sample losses at one checkpoint."""
+    values = losses.to_numpy(dtype=np.float64)
+    if len(values) == 0:
+        return dict.fromkeys(("loss_mean", "loss_median", "loss_std", "loss_p90"), float("nan"))
+    return {
+        "loss_mean": float(values.mean()),
+        "loss_median": float(np.median(values)),
+        "loss_std": float(values.std()),
+        "loss_p90": float(np.quantile(values, 0.9)),
+    }
 
 
 def suffix(positions: str) -> str:
@@ -46,24 +58,36 @@ def variant_metrics(features: pd.DataFrame, positions: str, *, max_pairs: int, s
     return metrics if not end else {k + end: v for k, v in metrics.items() if k not in SHARED_METRICS}
 
 
+def set_row(members: pd.DataFrame, *, checkpoint: str, step: int, group: str, sample_set: str,
+            positions: list[str], max_pairs: int, seed: int, per_layer: bool = True,
+            num_memorized: int | None = None) -> dict:
+    """The metrics row of one (checkpoint, group, sample set) from its members' features."""
+    row = {"checkpoint": checkpoint, "step": step, "group": group, "sample_set": sample_set}
+    if num_memorized is not None:
+        row["num_memorized"] = num_memorized
+    for variant in positions:
+        row.update(variant_metrics(members, variant, max_pairs=max_pairs, seed=seed, per_layer=per_layer))
+    row.update(loss_stats(members["loss"]))
+    row["train_accuracy"] = float(members["token_accuracy"].mean()) if len(members) else float("nan")
+    return row
+
+
+def memorized_by(group: pd.DataFrame, memorized: dict[str, float], step: int) -> np.ndarray:
+    """Mask of the rows whose sample is memorized by `step` (sample id -> memorized since)."""
+    return group["sample_id"].map(memorized).astype(float).le(step).to_numpy()
+
+
 def group_rows(group: pd.DataFrame, *, memorized: dict[str, float] | None, positions: list[str],
                max_pairs: int, seed: int, per_layer: bool = True) -> pd.DataFrame:
     """Metrics of one (checkpoint, group): a row for all samples and, when `memorized` (sample id
     -> memorized since step) is given, a row for the samples memorized by this checkpoint."""
     step = int(group["step"].iloc[0])
-    sets = [("all", group)]
-    meta = {}
+    key = {"checkpoint": group["checkpoint"].iloc[0], "step": step, "group": group["group"].iloc[0]}
+    sets, num_memorized = [("all", group)], None
     if memorized is not None:
-        since = group["sample_id"].map(memorized).astype(float)
-        sets.append(("memorized", group[since.le(step).to_numpy()]))
-        meta["num_memorized"] = int(since.le(step).sum())
-    rows = []
-    for sample_set, members in sets:
-        row = {"checkpoint": group["checkpoint"].iloc[0], "step": step, "group": group["group"].iloc[0],
-               "sample_set": sample_set, **meta}
-        for variant in positions:
-            row.update(variant_metrics(members, variant, max_pairs=max_pairs, seed=seed, per_layer=per_layer))
-        row.update(loss_stats(members["loss"]))
-        row["train_accuracy"] = float(members["token_accuracy"].mean()) if len(members) else float("nan")
-        rows.append(row)
-    return pd.DataFrame(rows)
+        mask = memorized_by(group, memorized, step)
+        sets.append(("memorized", group[mask]))
+        num_memorized = int(mask.sum())
+    return pd.DataFrame([set_row(members, **key, sample_set=sample_set, positions=positions, max_pairs=max_pairs,
+                                 seed=seed, per_layer=per_layer, num_memorized=num_memorized)
+                         for sample_set, members in sets])

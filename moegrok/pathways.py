@@ -1,4 +1,4 @@
-"""Pathways of training samples and the two pathway metrics (DESIGN "Metric definitions").
+"""Pathways of training samples and the two pathway metrics (README "Metrics").
 
 Per sample and MoE layer the routing weights are averaged over the sample's tokens (weights of
 unselected experts count as 0); experts are ranked by that mean (ties: lower id first) and kept

@@ -3,9 +3,7 @@ recomputed, so it can be re-run at will)."""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from moegrok.analysis import asynchronous_groups, join_accuracy
+from moegrok.pages import page, png, table
 from moegrok.store import RunDir
 
 # Paper Table 1 (Pearson/Spearman with test accuracy after the sustained rise)
@@ -24,15 +23,6 @@ SUMMARY_WINDOW = "post_memorization"
 
 def _read(path: Path) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.exists() else None
-
-
-def _png(fig, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    data = base64.b64encode(buffer.getvalue()).decode()
-    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
 def _curves_figure(group: str, curve: pd.DataFrame, onset_row: pd.Series | None, metrics: list[str]):
@@ -88,7 +78,7 @@ def _med_figure(train_log: pd.DataFrame, metrics: pd.DataFrame):
 def _routing_section(run: RunDir, onsets: pd.DataFrame | None) -> list[str]:
     """The OLMoE paper's routing analyses: saturation and vocabulary specialization vs step per
     layer, co-activation heatmaps (first/middle/last layer), domain specialization per group."""
-    layers = _read(run.root / "routing_analyses.parquet")
+    layers = _read(run.routing_analyses)
     if layers is None or layers.empty:
         return []
     parts = ["<h2>Routing analyses (OLMoE paper)</h2><p>All groups' tokens; dashed lines: generalization "
@@ -108,8 +98,8 @@ def _routing_section(run: RunDir, onsets: pd.DataFrame | None) -> list[str]:
         ax.set_xlabel("step", fontsize=8)
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    parts.append(_png(fig, run.figures / "routing_vs_step.png"))
-    coactivation = _read(run.root / "coactivation.parquet")
+    parts.append(png(fig, run.figures / "routing_vs_step.png"))
+    coactivation = _read(run.coactivation)
     if coactivation is not None and len(coactivation):
         shown = sorted({0, coactivation["layer"].max() // 2, coactivation["layer"].max()})
         fig = Figure(figsize=(3.6 * len(shown), 3.2))
@@ -123,8 +113,8 @@ def _routing_section(run: RunDir, onsets: pd.DataFrame | None) -> list[str]:
             ax.set_yticks(range(len(top)), top, fontsize=6)
             ax.set_title(f"layer {layer}: P(b | a)", fontsize=9)
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-        parts.append(_png(fig, run.figures / "coactivation.png"))
-    specialization = _read(run.root / "domain_specialization.parquet")
+        parts.append(png(fig, run.figures / "coactivation.png"))
+    specialization = _read(run.domain_specialization)
     if specialization is not None and len(specialization):
         groups = specialization[specialization["group"] != "*"]
         last_layer = groups["layer"].max()
@@ -134,13 +124,8 @@ def _routing_section(run: RunDir, onsets: pd.DataFrame | None) -> list[str]:
         rows.plot.bar(ax=ax, width=0.8)
         ax.axhline(1.0, color="gray", lw=1)
         ax.set_title(f"domain specialization, last layer ({last_layer}), last checkpoint (1.0 = uniform)", fontsize=9)
-        parts.append(_png(fig, run.figures / "domain_specialization.png"))
+        parts.append(png(fig, run.figures / "domain_specialization.png"))
     return parts
-
-
-def _table(frame: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
-    return frame.to_html(index=False, float_format=lambda x: floatfmt.format(x), na_rep="–", border=0,
-                         classes="t", escape=True)
 
 
 VERDICT_METRICS = ("pathway_distance", "pathway_distance_answer", "mean_cos", "mean_cos_answer", "consistency")
@@ -173,12 +158,12 @@ def verdicts(correlations: pd.DataFrame, onsets: pd.DataFrame | None = None) -> 
     return lines
 
 
-def summary_table(correlations: pd.DataFrame) -> pd.DataFrame:
+def correlation_summary(correlations: pd.DataFrame) -> pd.DataFrame:
     """Compact metric x group Spearman table (post-memorization) with the baselines."""
     rows = correlations[correlations["window"] == SUMMARY_WINDOW]
-    table = rows.pivot_table(index="metric", columns="group", values="spearman", aggfunc="first")
+    spearman = rows.pivot_table(index="metric", columns="group", values="spearman", aggfunc="first")
     beats = rows.pivot_table(index="metric", columns="group", values="beats_baselines", aggfunc="any")
-    marked = table.map(lambda v: f"{v:+.2f}" if np.isfinite(v) else "–").astype(object)
+    marked = spearman.map(lambda v: f"{v:+.2f}" if np.isfinite(v) else "–").astype(object)
     for metric in marked.index:
         for group in marked.columns:
             if metric in beats.index and bool(beats.loc[metric, group]):
@@ -196,7 +181,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     if onsets is not None and len(onsets):
         parts.append("<h2>Memorization and generalization per group</h2>")
-        parts.append(_table(onsets))
+        parts.append(table(onsets))
         parts.append(f"<p>Groups generalize asynchronously: <b>{'yes' if asynchronous_groups(onsets) else 'no'}</b> "
                      "(distinct half-rise steps).</p>")
     if correlations is not None and len(correlations):
@@ -204,7 +189,7 @@ def write_report(run_dir: str | Path) -> Path:
         parts.append("<h2>Verdict</h2><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in lines)
                      + "</ul><p>* in the table below: beats both trivial baselines (step, training loss) on the "
                      "raw and the detrended (partial, controlling for step) Spearman.</p>")
-        parts.append(f"<h3>Spearman with accuracy after memorization</h3>{_table(summary_table(correlations))}")
+        parts.append(f"<h3>Spearman with accuracy after memorization</h3>{table(correlation_summary(correlations))}")
 
     figure_dir = run.figures
     if metrics is not None:
@@ -228,40 +213,35 @@ def write_report(run_dir: str | Path) -> Path:
                 match = onsets[(onsets["group"] == group) & (onsets["benchmark"] == benchmark)]
                 onset_row = match.iloc[0] if len(match) else None
             parts.append(f"<h3>{html.escape(group)} / {html.escape(benchmark)}</h3>")
-            parts.append(_png(_curves_figure(group, curve, onset_row, curve_metrics),
+            parts.append(png(_curves_figure(group, curve, onset_row, curve_metrics),
                               figure_dir / f"curves_{group}_{benchmark}.png"))
             if not curve_metrics:
                 continue
             group_corr = correlations[(correlations["group"] == group) & (correlations["benchmark"] == benchmark)]
-            parts.append(_png(_scatter_figure(group, curve, group_corr, curve_metrics),
+            parts.append(png(_scatter_figure(group, curve, group_corr, curve_metrics),
                               figure_dir / f"scatter_{group}_{benchmark}.png"))
     train_log_path = Path((config.get("checkpoints") or {}).get("dir") or "__none__") / "train_log.parquet"
     if metrics is not None and train_log_path.exists() and metrics["med"].notna().any():
         parts.append("<h2>Embedding progress measure (toy zoo)</h2>")
         figure = _med_figure(pd.read_parquet(train_log_path), metrics)
-        parts.append(_png(figure, figure_dir / "med_vs_heldout_loss.png"))
+        parts.append(png(figure, figure_dir / "med_vs_heldout_loss.png"))
 
     parts += _routing_section(run, onsets)
 
     if correlations is not None and len(correlations):
-        table = correlations.copy()
-        table["paper"] = table["metric"].map(PAPER_VALUES).fillna("")
+        shown = correlations.copy()
+        shown["paper"] = shown["metric"].map(PAPER_VALUES).fillna("")
         columns = ["group", "benchmark", "window", "metric", "n", "spearman", "spearman_p", "pearson",
                    "partial_spearman", "diff_spearman", "step_spearman", "loss_spearman", "onset_step",
                    "lead_steps", "beats_baselines", "paper"]
         parts.append("<h2>All correlations</h2><p>Baselines: <code>step</code> (checkpoint step) and "
                      "<code>loss_mean</code> (training loss). Paper values: Table 1 of arXiv 2506.21551, "
                      "after the sustained rise.</p>")
-        parts.append(_table(table[columns]))
+        parts.append(table(shown[columns]))
     if correlations is not None and len(correlations) == 0:
         parts.append("<p>No correlations: evaluation was off or too few checkpoints.</p>")
-    parts.append("<h2>Failures</h2>" + (_table(failures) if failures is not None and len(failures) else "<p>none</p>"))
+    parts.append("<h2>Failures</h2>" + (table(failures) if failures is not None and len(failures) else "<p>none</p>"))
     parts.append(f"<h2>Config</h2><pre>{html.escape(config_text)}</pre>")
 
-    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;color:#222}"
-             "table.t{border-collapse:collapse;font-size:12px}table.t td,table.t th{padding:2px 8px;"
-             "border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}pre{background:#f6f6f6;padding:1em}")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>moegrok report</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
-    run.report.write_text(page)
+    run.report.write_text(page("moegrok report", parts))
     return run.report

@@ -154,7 +154,7 @@ def run_study(cfg: StudyConfig) -> pd.DataFrame:
     return study
 
 
-def summary_table(study: pd.DataFrame, target: float) -> pd.DataFrame:
+def study_summary(study: pd.DataFrame, target: float) -> pd.DataFrame:
     """Per variant (mean and spread over seeds), at the default threshold on memorized samples:
     the strongest pathway metric's |Spearman| next to the baselines, detrended, target hits."""
     rows = study[(study["threshold"] == MonitorConfig().metrics.threshold) & (study["sample_set"] == "memorized")
@@ -184,32 +184,31 @@ def summary_table(study: pd.DataFrame, target: float) -> pd.DataFrame:
 def write_study_report(study: pd.DataFrame, out: Path, *, target: float) -> Path:
     from matplotlib.figure import Figure
 
-    from moegrok.report import _png, _table
+    from moegrok.pages import page, png, table
 
-    table = summary_table(study, target)
+    summary = study_summary(study, target)
     parts = ["<h1>moegrok study: pathway metrics vs trivial baselines</h1>",
              f"<p>Post-memorization checkpoints, threshold 0.7, memorized samples, grokking groups only; target: "
              f"|Spearman| >= {target}, beats both baselines raw and detrended, onset at or before accuracy's.</p>",
-             _table(table)]
-    if len(table):
-        fig = Figure(figsize=(1.2 * len(table) + 3, 3.2))
+             table(summary)]
+    if len(summary):
+        fig = Figure(figsize=(1.2 * len(summary) + 3, 3.2))
         ax = fig.subplots()
-        x = np.arange(len(table))
+        x = np.arange(len(summary))
         for offset, column in ((-0.25, "|spearman| mean"), (0.0, "|step| baseline"), (0.25, "|loss| baseline")):
-            ax.bar(x + offset, table[column], width=0.25, label=column)
-        ax.set_xticks(x, table["variant"], rotation=30, ha="right", fontsize=8)
+            ax.bar(x + offset, summary[column], width=0.25, label=column)
+        ax.set_xticks(x, summary["variant"], rotation=30, ha="right", fontsize=8)
         ax.axhline(target, color="gray", ls="--", lw=1)
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=7)
         ax.set_title("best pathway metric vs baselines per variant", fontsize=9)
         fig.tight_layout()
-        parts.append(_png(fig, out / "figures" / "study_strength.png"))
+        parts.append(png(fig, out / "figures" / "study_strength.png"))
     full = study.groupby(["variant", "threshold", "sample_set", "metric"], sort=False).agg(
         n_groups=("group", "size"), spearman=("spearman", "mean"), partial=("partial_spearman", "mean"),
         beats=("beats_baselines", "sum")).reset_index()
     parts.append("<h2>Every variant, threshold, sample set and metric (means over groups and seeds)</h2>"
-                 + _table(full))
+                 + table(full))
     path = out / "study.html"
-    path.write_text("<!doctype html><html><head><meta charset='utf-8'><title>moegrok study</title></head><body>"
-                    + "".join(parts) + "</body></html>")
+    path.write_text(page("moegrok study", parts))
     return path

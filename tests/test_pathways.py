@@ -6,8 +6,8 @@ import pytest
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
+from moegrok.embedding import main_embedding_diff
 from moegrok.pathways import group_metrics, mean_pairwise_distance, sample_features
-from moegrok.progress import main_embedding_diff
 from moegrok.routing import routing_table
 from moegrok.samples import TokenizedSample
 
