@@ -1,10 +1,19 @@
-"""Run-directory layout, table writes that are atomic, completion markers, the failures table."""
+"""Run-directory layout, the one atomic writer, completion markers, fingerprints, failure rows.
+
+Every file a stage produces is written through `atomic_path` (temp file or dir beside the
+target, then one rename), so a reader never sees half a table and a killed sweep leaves no
+partial output. A unit of work is done when its output exists and its `.done` marker holds
+the fingerprint of everything that determined it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,38 +22,116 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+# --------------------------------------------------------------------------- atomic writes
+
 
 @contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `final`; on success it replaces `final` in one rename."""
+def atomic_path(final: str | Path, *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temp file (or dir) beside `final`; when the block succeeds it replaces `final` in
+    one rename, when it fails nothing of it is left."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+    tmp.chmod(0o755 if directory else 0o644)  # mkstemp/mkdtemp make it private
     try:
         yield tmp
-        if final.exists():
+        if directory and final.exists():
             shutil.rmtree(final)
-        tmp.rename(final)
+        os.replace(tmp, final)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if directory:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
-def write_parquet(table: pa.Table | pd.DataFrame, path: Path) -> None:
-    """Write a Parquet file atomically (temp file + rename), so readers never see half a table."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(table, pd.DataFrame):  # plain Arrow types, no pandas-specific metadata
+def write_bytes(data: bytes, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(text: str, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _plain_type(dtype: pa.DataType) -> pa.DataType:
+    """string for large_string (pandas' str dtype converts to it), also inside lists."""
+    if pa.types.is_large_string(dtype):
+        return pa.string()
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        return pa.list_(_plain_type(dtype.value_type))
+    return dtype
+
+
+def write_parquet(table: pa.Table | pd.DataFrame, path: str | Path) -> None:
+    """Write a Parquet file atomically. A DataFrame is stored with plain Arrow types (no
+    pandas-specific metadata, string not large_string), so a table reads the same whichever
+    pandas wrote it."""
+    if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False).replace_schema_metadata(None)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+        table = table.cast(pa.schema([field.with_type(_plain_type(field.type)) for field in table.schema]))
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+# --------------------------------------------------------------------------- completion markers
+
+
+def fingerprint(*parts: object) -> str:
+    """A stable hash of everything that determines a unit's result."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def done_marker(path: Path) -> Path:
+    """`.<name>.done` beside the output: hidden, so a directory of Parquet outputs reads as one
+    dataset (pyarrow and pandas skip names starting with ".")."""
+    path = Path(path)
+    return path.parent / f".{path.name}.done"
+
+
+def is_done(path: Path, fingerprint: str) -> bool:
+    """A unit is done when its output exists and its marker holds the same fingerprint."""
+    marker = done_marker(path)
+    return Path(path).exists() and marker.exists() and marker.read_text() == fingerprint
+
+
+def done_fingerprint(path: Path) -> str | None:
+    """The fingerprint a finished unit was computed with (None: not finished)."""
+    marker = done_marker(path)
+    return marker.read_text() if Path(path).exists() and marker.exists() else None
+
+
+def invalidate(path: Path) -> None:
+    """Drop a unit's completion marker before recomputing it, so that a failed recompute never
+    leaves an older result looking current."""
+    done_marker(path).unlink(missing_ok=True)
+
+
+def mark_done(path: Path, fingerprint: str) -> None:
+    write_text(fingerprint, done_marker(path))
+
+
+# --------------------------------------------------------------------------- failures
+
+FAILURE_COLUMNS = ["stage", "unit", "error_type", "message", "time"]
+
+
+def failure_row(stage: str, unit: str, error_type: str, message: str) -> dict:
+    """One row of failures.parquet."""
+    return {"stage": stage, "unit": unit, "error_type": error_type, "message": message[-2000:],
+            "time": pd.Timestamp.now(tz="UTC")}
+
+
+def error_fields(exc: BaseException) -> dict:
+    """error_type and message of an exception, with the last frames of its traceback."""
+    frames = "".join(traceback.format_exception(exc)[-3:])
+    return {"error_type": type(exc).__name__, "message": f"{exc}\n{frames}"[-2000:]}
 
 
 # --------------------------------------------------------------------------- table schemas
@@ -66,8 +153,6 @@ ROUTING_SCHEMA = pa.schema(
 """One row per sample per checkpoint. An optional `input_ids` column (list<int32>, length T)
 follows when the record config keeps token ids (vocabulary specialization needs them)."""
 
-FAILURE_COLUMNS = ["stage", "unit", "error_type", "message", "time"]
-
 
 # --------------------------------------------------------------------------- run directory
 
@@ -81,8 +166,11 @@ class RunDir:
         self.catalog = self.root / "catalog.parquet"
         self.samples = self.root / "samples.parquet"
         self.memorized = self.root / "memorized.parquet"
-        self.sample_metrics = self.root / "sample_metrics.parquet"
+        self.sample_metrics = self.root / "sample_metrics"  # a directory: one Parquet file per routing shard
         self.metrics = self.root / "metrics.parquet"
+        self.routing_analyses = self.root / "routing_analyses.parquet"
+        self.coactivation = self.root / "coactivation.parquet"
+        self.domain_specialization = self.root / "domain_specialization.parquet"
         self.accuracy = self.root / "accuracy.parquet"
         self.correlations = self.root / "correlations.parquet"
         self.onsets = self.root / "onsets.parquet"
@@ -100,42 +188,10 @@ class RunDir:
     def eval_items(self, checkpoint: str, benchmark: str) -> Path:
         return self.root / "eval" / checkpoint / f"{benchmark}.parquet"
 
-
-def done_marker(path: Path) -> Path:
-    return path.with_suffix(".done")
-
-
-def is_done(path: Path, fingerprint: str) -> bool:
-    """A unit is done when its output exists and its marker holds the same fingerprint."""
-    marker = done_marker(path)
-    return path.exists() and marker.exists() and marker.read_text() == fingerprint
-
-
-def invalidate(path: Path) -> None:
-    """Drop a unit's completion marker before recomputing it, so that a failed recompute never
-    leaves an older result looking current."""
-    done_marker(path).unlink(missing_ok=True)
-
-
-def mark_done(path: Path, fingerprint: str) -> None:
-    marker = done_marker(path)
-    tmp = marker.with_suffix(".done.tmp")
-    tmp.write_text(fingerprint)
-    tmp.replace(marker)
-
-
-def fingerprint(*parts: object) -> str:
-    """A stable hash of everything that determines a unit's result."""
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def write_failures(run: RunDir, stages: set[str], failures: list[dict]) -> pd.DataFrame:
-    """Replace the rows of `stages` in failures.parquet with `failures` (their latest attempt)."""
-    table = pd.read_parquet(run.failures) if run.failures.exists() else pd.DataFrame(columns=FAILURE_COLUMNS)
-    table = table[~table["stage"].isin(stages)]
-    table = pd.concat([table, pd.DataFrame(failures, columns=FAILURE_COLUMNS)], ignore_index=True)
-    write_parquet(table.astype({"time": "datetime64[ns, UTC]"}), run.failures)
-    return table
+    def write_failures(self, stages: set[str], failures: list[dict]) -> pd.DataFrame:
+        """Replace the rows of `stages` in failures.parquet with `failures` (their latest attempt)."""
+        table = pd.read_parquet(self.failures) if self.failures.exists() else pd.DataFrame(columns=FAILURE_COLUMNS)
+        table = table[~table["stage"].isin(stages)]
+        table = pd.concat([table, pd.DataFrame(failures, columns=FAILURE_COLUMNS)], ignore_index=True)
+        write_parquet(table.astype({"time": "datetime64[ns, UTC]"}), self.failures)
+        return table

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from moegrok.config import TuneConfig
 from moegrok.jsonl import InvalidJSON, jsonl_records
-from moegrok.store import atomic_dir
+from moegrok.store import atomic_path
 
 
 class InstructionError(ValueError):
@@ -112,7 +112,7 @@ def tune_checkpoint(model_dir: str | Path, out_dir: str | Path, pairs: list[tupl
             num_tokens += int(mask.sum())
     loss_after = evaluate_loss(model, tokenizer, pairs, cfg, device=device)
     merged = model.merge_and_unload()
-    with atomic_dir(Path(out_dir)) as tmp:
+    with atomic_path(out_dir, directory=True) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return TuneResult(loss_before, loss_after, num_steps, num_tokens, time.perf_counter() - start)

@@ -17,7 +17,13 @@ from moegrok.store import RunDir
 from tests.helpers import monitor_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLES = ("metrics.parquet", "memorized.parquet", "accuracy.parquet", "sample_metrics.parquet")
+TABLES = ("metrics.parquet", "memorized.parquet", "accuracy.parquet", "sample_metrics")
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A table file, or a directory of Parquet files read as one table in a stable row order."""
+    frame = pd.read_parquet(path)
+    return frame.sort_values(["step", "sample_id"], ignore_index=True) if path.is_dir() else frame
 
 
 def read_routing(run_dir: Path, pattern: str = "*") -> pd.DataFrame:
@@ -54,12 +60,12 @@ def test_toy_sweep_end_to_end(tiny_zoo, tmp_path, ray_cluster):
         got = metrics[(metrics["checkpoint"] == "step3") & (metrics["group"] == group)]
         pd.testing.assert_frame_equal(got[expected.columns].reset_index(drop=True), expected, check_dtype=False)
     # a second run skips every recorded and evaluated unit and reproduces the tables
-    before = {name: pd.read_parquet(run.root / name) for name in TABLES}
+    before = {name: read_table(run.root / name) for name in TABLES}
     stamps = {p: p.stat().st_mtime_ns for p in (run.root / "routing").rglob("*.parquet")}
     assert run_monitor(cfg) == 0
     assert stamps == {p: p.stat().st_mtime_ns for p in (run.root / "routing").rglob("*.parquet")}
     for name, frame in before.items():
-        pd.testing.assert_frame_equal(pd.read_parquet(run.root / name), frame)
+        pd.testing.assert_frame_equal(read_table(run.root / name), frame)
 
 
 def test_changed_settings_recompute_instead_of_mixing(tiny_zoo, tmp_path, ray_cluster):
@@ -120,16 +126,16 @@ def test_killed_sweep_resumes_to_identical_tables(tiny_zoo, tmp_path):
     process = subprocess.Popen(_monitor_command(tiny_zoo, killed), env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while len(list(killed.glob("routing/*/*.done"))) < 4:
+    while len(list(killed.glob("routing/*/.*.done"))) < 4:
         assert process.poll() is None and time.monotonic() < deadline, "sweep ended before it could be killed"
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    done_before = len(list(killed.glob("routing/*/*.done")))
+    done_before = len(list(killed.glob("routing/*/.*.done")))
     assert 4 <= done_before < 3 * 15  # 60 samples in 15 shards, 3 checkpoints
     subprocess.run(_monitor_command(tiny_zoo, killed), check=True, env=env, capture_output=True)
-    for name in ("metrics.parquet", "memorized.parquet", "sample_metrics.parquet"):
-        pd.testing.assert_frame_equal(pd.read_parquet(killed / name), pd.read_parquet(whole / name))
+    for name in ("metrics.parquet", "memorized.parquet", "sample_metrics"):
+        pd.testing.assert_frame_equal(read_table(killed / name), read_table(whole / name))
     routing = read_routing(killed)
     assert not routing.duplicated(["checkpoint", "sample_id"]).any() and len(routing) == 3 * 60
 

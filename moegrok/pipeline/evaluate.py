@@ -1,11 +1,9 @@
-"""Evaluate stage: benchmarks scored for every checkpoint on engine actors (vLLM or HF)
--> eval/<ckpt>/<benchmark>.parquet and accuracy.parquet."""
+"""Evaluate stage: (checkpoint x benchmark) units on engine actors (vLLM or HF)
+-> eval/<ckpt>/<benchmark>.parquet, then accuracy.parquet."""
 
 from __future__ import annotations
 
 import hashlib
-import io
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,23 +11,21 @@ import pandas as pd
 import pyarrow.parquet as pq
 import ray
 import torch
-from tqdm.auto import tqdm
 
 from moegrok.checkpoints import CheckpointRef, check_local_dir, local_path, resolve_dtype
-from moegrok.config import MonitorConfig
+from moegrok.config import Engine, MonitorConfig
 from moegrok.evaluation.benchmarks import Item, load_benchmark
 from moegrok.evaluation.engines import HFEngine, VLLMEngine
 from moegrok.evaluation.scoring import accuracy_rows, score_items
 from moegrok.pipeline.cluster import actor_options
-from moegrok.pipeline.record import failure, write_bytes
-from moegrok.pipeline.scheduler import Unit, run_units
+from moegrok.pipeline.runner import ActorPool, StageResult, Unit, UnitWorker, run_stage
 from moegrok.pipeline.tune import TUNED_SUFFIX
-from moegrok.store import RunDir, done_marker, fingerprint, invalidate, is_done, mark_done, write_parquet
+from moegrok.store import RunDir, done_fingerprint, error_fields, failure_row, fingerprint, write_parquet
 
 
 def make_engine(cfg: MonitorConfig):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.eval.engine == "vllm" or (cfg.eval.engine == "auto" and device == "cuda"):
+    if cfg.eval.engine == Engine.vllm or (cfg.eval.engine == Engine.auto and device == "cuda"):
         return VLLMEngine(tensor_parallel_size=cfg.eval.tensor_parallel_size,
                           gpu_memory_utilization=cfg.eval.gpu_memory_utilization,
                           dtype=str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch."),
@@ -38,7 +34,7 @@ def make_engine(cfg: MonitorConfig):
                     trust_remote_code=cfg.model.trust_remote_code)
 
 
-class EvalWorker:
+class EvalWorker(UnitWorker):
     """One engine; checkpoints are swapped into it one after another."""
 
     def __init__(self, cfg: MonitorConfig, benchmarks: dict[str, list[Item]]) -> None:
@@ -46,25 +42,18 @@ class EvalWorker:
         self.engine = make_engine(cfg)
         self.loaded: str | None = None
 
-    def run(self, ref: CheckpointRef, names: list[str]) -> dict:
-        start = time.perf_counter()
-        try:
-            if self.loaded != ref.name:
-                self.loaded = None
-                path = local_path(ref, cache_dir=self.cfg.checkpoints.cache_dir)
-                check_local_dir(path, ref.name)
-                self.engine.load(str(path))
-                self.loaded = ref.name
-            tables = {}
-            for name in names:
-                scored = score_items(self.engine, self.benchmarks[name], max_new_tokens=self.cfg.eval.max_new_tokens,
-                                     code_timeout_s=self.cfg.eval.code_timeout_s)
-                buffer = io.BytesIO()
-                scored.to_parquet(buffer, index=False)
-                tables[name] = buffer.getvalue()
-        except Exception as e:
-            return failure(e)
-        return {"ok": True, "tables": tables, "seconds": time.perf_counter() - start}
+    def compute(self, unit: Unit) -> dict:
+        ref: CheckpointRef = unit.payload["ref"]
+        if self.loaded != ref.name:
+            self.loaded = None
+            path = local_path(ref, cache_dir=self.cfg.checkpoints.cache_dir)
+            check_local_dir(path, ref.name)
+            self.engine.load(str(path))
+            self.loaded = ref.name
+        scored = score_items(self.engine, self.benchmarks[unit.payload["benchmark"]],
+                             max_new_tokens=self.cfg.eval.max_new_tokens, code_timeout_s=self.cfg.eval.code_timeout_s)
+        write_parquet(scored, unit.output)
+        return {"items": len(scored)}
 
 
 def load_benchmarks(cfg: MonitorConfig) -> tuple[dict[str, list[Item]], dict[str, str], list[dict]]:
@@ -74,8 +63,7 @@ def load_benchmarks(cfg: MonitorConfig) -> tuple[dict[str, list[Item]], dict[str
         try:
             items = load_benchmark(bench.path)
         except Exception as e:
-            failures.append({"stage": "evaluate", "unit": f"benchmark {bench.name} ({bench.path})",
-                             "error_type": type(e).__name__, "message": str(e), "time": pd.Timestamp.now(tz="UTC")})
+            failures.append(failure_row("evaluate", f"benchmark {bench.name} ({bench.path})", **error_fields(e)))
             continue
         if cfg.eval.max_items and len(items) > cfg.eval.max_items:
             keep = np.sort(np.random.default_rng(0).choice(len(items), cfg.eval.max_items, replace=False))
@@ -85,43 +73,20 @@ def load_benchmarks(cfg: MonitorConfig) -> tuple[dict[str, list[Item]], dict[str
     return benchmarks, hashes, failures
 
 
-def evaluate_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> dict:
-    benchmarks, hashes, failures = load_benchmarks(cfg)
+def evaluate_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
+    benchmarks, hashes, load_failures = load_benchmarks(cfg)
     settings = (cfg.eval.engine, cfg.eval.max_new_tokens, cfg.eval.max_items, cfg.eval.code_timeout_s, cfg.model.dtype)
-    prints = {(ref.name, name): fingerprint(ref, hashes[name], settings) for ref in refs for name in benchmarks}
-    units = []
-    for ref in refs:
-        todo = [n for n in benchmarks if not is_done(run.eval_items(ref.name, n), prints[ref.name, n])]
-        for name in todo:
-            invalidate(run.eval_items(ref.name, name))
-        if todo:
-            units.append(Unit(ref.name, tuple(todo), ref))
-    bar = tqdm(total=len(units), desc="evaluate", disable=not cfg.progress, unit="ckpt")
-
-    def on_done(unit: Unit, result: dict) -> None:
-        ref = unit.payload
-        if result["ok"]:
-            for name, data in result["tables"].items():
-                path = run.eval_items(ref.name, name)
-                write_bytes(path, data)
-                mark_done(path, prints[ref.name, name])
-        else:
-            failures.append({"stage": "evaluate", "unit": ref.name, "error_type": result["error_type"],
-                             "message": result["message"], "time": pd.Timestamp.now(tz="UTC")})
-        bar.update()
-
-    gpus_per_engine = cfg.eval.tensor_parallel_size if cfg.eval.engine != "hf" else 1
+    units = [Unit(f"{ref.name}/{name}", ref.name, run.eval_items(ref.name, name),
+                  fingerprint(ref, hashes[name], settings), payload={"ref": ref, "benchmark": name})
+             for ref in refs for name in benchmarks]
+    gpus_per_engine = cfg.eval.tensor_parallel_size if cfg.eval.engine != Engine.hf else 1
     options = actor_options(cfg.eval.num_gpus, cfg.eval.num_cpus, auto_gpus=gpus_per_engine)
-    remote = ray.remote(EvalWorker).options(**options)
-    benchmarks_ref = ray.put(benchmarks)
-    run_units(units, make_actor=lambda: remote.remote(cfg, benchmarks_ref), num_actors=cfg.eval.num_actors,
-              submit=lambda actor, unit: actor.run.remote(unit.payload, list(unit.key)), on_done=on_done,
-              max_retries=cfg.eval.max_retries)
-    bar.close()
+    pool = ActorPool(EvalWorker, cfg, ray.put(benchmarks), options=options, num_actors=cfg.eval.num_actors,
+                     max_retries=cfg.eval.max_retries)
+    result = run_stage("evaluate", units, pool, progress=cfg.progress)
+    result.failures = load_failures + result.failures
     write_accuracy(run, refs, list(benchmarks))
-    failed_units = sum(1 for f in failures if not f["unit"].startswith("benchmark "))
-    return {"units": len(refs), "skipped": len(refs) - len(units), "done": len(units) - failed_units,
-            "failed": len(failures), "failures": failures}
+    return result
 
 
 def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str]) -> pd.DataFrame:
@@ -131,7 +96,7 @@ def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str]) -> 
     for ref in refs:
         for name in names:
             path = run.eval_items(ref.name, name)
-            if path.exists() and done_marker(path).exists():
+            if done_fingerprint(path) is not None:
                 rows = accuracy_rows(pq.read_table(path).to_pandas(), checkpoint=ref.name, step=ref.step,
                                      benchmark=name)
                 tuned = ref.name.endswith(TUNED_SUFFIX)

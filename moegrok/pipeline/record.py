@@ -1,37 +1,26 @@
-"""Record stage: (checkpoint x sample shard) units on Ray actors -> routing/<ckpt>/shardNNNNN.parquet."""
+"""Record stage: (checkpoint x sample shard) units on actors -> routing/<ckpt>/shardNNNNN.parquet,
+and per checkpoint its router weight rows and residue embeddings (weights.safetensors)."""
 
 from __future__ import annotations
 
-import io
-import time
-import traceback
-
-import pandas as pd
-import pyarrow.parquet as pq
 import ray
 import torch
 from safetensors.torch import save
-from tqdm.auto import tqdm
 
 from moegrok.checkpoints import CheckpointRef, load_checkpoint
 from moegrok.config import MonitorConfig
 from moegrok.pipeline.cluster import actor_options
-from moegrok.pipeline.scheduler import Unit, run_units
+from moegrok.pipeline.runner import ActorPool, StageResult, Unit, UnitWorker, run_stage
 from moegrok.routing import RoutingRecorder, input_embeddings, router_weights
 from moegrok.samples import TokenizedSample
-from moegrok.store import RunDir, fingerprint, invalidate, is_done, mark_done
+from moegrok.store import RunDir, fingerprint, invalidate, write_bytes, write_parquet
 
 
-def failure(exc: BaseException) -> dict:
-    return {"ok": False, "error_type": type(exc).__name__,
-            "message": f"{exc}\n{''.join(traceback.format_exception(exc)[-3:])}"[-2000:]}
-
-
-class RecordWorker:
+class RecordWorker(UnitWorker):
     """Holds one checkpoint at a time and records sample shards on it."""
 
-    def __init__(self, cfg: MonitorConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: MonitorConfig, run_root: str) -> None:
+        self.cfg, self.run = cfg, RunDir(run_root)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.name: str | None = None
         self.recorder: RoutingRecorder | None = None
@@ -60,17 +49,15 @@ class RecordWorker:
             tensors["residue_embeddings"] = input_embeddings(model, ids).contiguous()
         return save(tensors)
 
-    def run(self, ref: CheckpointRef, samples: list[TokenizedSample], with_weights: bool) -> dict:
-        start = time.perf_counter()
-        try:
-            self._load(ref)
-            table = self.recorder.record(samples, checkpoint=ref.name, step=ref.step)
-            buffer = io.BytesIO()
-            pq.write_table(table, buffer)
-            weights = self._checkpoint_weights() if with_weights else None
-        except Exception as e:
-            return failure(e)
-        return {"ok": True, "routing": buffer.getvalue(), "weights": weights, "seconds": time.perf_counter() - start}
+    def compute(self, unit: Unit) -> dict:
+        ref: CheckpointRef = unit.payload["ref"]
+        self._load(ref)
+        samples: list[TokenizedSample] = ray.get(unit.payload["samples"])
+        table = self.recorder.record(samples, checkpoint=ref.name, step=ref.step)
+        if unit.payload["with_weights"]:
+            write_bytes(self._checkpoint_weights(), self.run.checkpoint_weights(ref.name))
+        write_parquet(table, unit.output)
+        return {"rows": table.num_rows, "bytes": unit.output.stat().st_size}
 
 
 def tokens_fingerprint(shard: list[TokenizedSample]) -> str:
@@ -78,56 +65,21 @@ def tokens_fingerprint(shard: list[TokenizedSample]) -> str:
 
 
 def record_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef],
-                 shards: list[list[TokenizedSample]]) -> dict:
-    """Record every unit not already done under the same fingerprint. Returns counts and failures."""
+                 shards: list[list[TokenizedSample]]) -> StageResult:
+    """Record every (checkpoint, shard) unit not already done under the same fingerprint. Shard 0
+    of a checkpoint also writes its weights file."""
     settings = (cfg.model.dtype, cfg.model.attn_implementation, cfg.model.experts_implementation,
                 cfg.model.trust_remote_code, cfg.model.residue_tokens, cfg.record.keep_input_ids)
     shard_prints = [tokens_fingerprint(shard) for shard in shards]
     shard_refs = [ray.put(shard) for shard in shards]
-    units, skipped = [], 0
+    units = []
     for ref in refs:
-        for index in range(len(shards)):
-            unit_print = fingerprint(ref, shard_prints[index], settings)
-            path = run.routing_shard(ref.name, index)
-            if is_done(path, unit_print) and (index or run.checkpoint_weights(ref.name).exists()):
-                skipped += 1
-                continue
-            invalidate(path)
-            units.append(Unit(ref.name, index, (ref, unit_print)))
-    failures: list[dict] = []
-    bar = tqdm(total=len(units), desc="record", disable=not cfg.progress, unit="shard")
-
-    def on_done(unit: Unit, result: dict) -> None:
-        ref, unit_print = unit.payload
-        path = run.routing_shard(ref.name, unit.key)
-        if result["ok"]:
-            if result["weights"] is not None:
-                write_bytes(run.checkpoint_weights(ref.name), result["weights"])
-            write_bytes(path, result["routing"])
-            mark_done(path, unit_print)
-        else:
-            failures.append({"stage": "record", "unit": f"{ref.name}/shard{unit.key:05d}",
-                             "error_type": result["error_type"], "message": result["message"],
-                             "time": pd.Timestamp.now(tz="UTC")})
-        bar.update()
-
-    remote = ray.remote(RecordWorker).options(**actor_options(cfg.record.num_gpus, cfg.record.num_cpus))
-    run_units(
-        units,
-        make_actor=lambda: remote.remote(cfg),
-        num_actors=cfg.record.num_actors,
-        submit=lambda actor, unit: actor.run.remote(unit.payload[0], shard_refs[unit.key], unit.key == 0),
-        on_done=on_done,
-        max_retries=cfg.record.max_retries,
-    )
-    bar.close()
-    return {"units": len(units) + skipped, "skipped": skipped, "done": len(units) - len(failures),
-            "failed": len(failures), "failures": failures}
-
-
-def write_bytes(path, data: bytes) -> None:
-    """Atomic write of a finished file (temp + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+        if not run.checkpoint_weights(ref.name).exists():
+            invalidate(run.routing_shard(ref.name, 0))
+        units += [Unit(f"{ref.name}/shard{index:05d}", ref.name, run.routing_shard(ref.name, index),
+                       fingerprint(ref, shard_prints[index], settings),
+                       payload={"ref": ref, "samples": shard_refs[index], "with_weights": index == 0})
+                  for index in range(len(shards))]
+    pool = ActorPool(RecordWorker, cfg, str(run.root), options=actor_options(cfg.record.num_gpus, cfg.record.num_cpus),
+                     num_actors=cfg.record.num_actors, max_retries=cfg.record.max_retries)
+    return run_stage("record", units, pool, progress=cfg.progress)

@@ -5,40 +5,35 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import time
 from pathlib import Path
 
 import pandas as pd
 import ray
 import torch
-from tqdm.auto import tqdm
 
 from moegrok.checkpoints import CheckpointRef, check_local_dir, local_path, resolve_dtype
-from moegrok.config import MonitorConfig
+from moegrok.config import MonitorConfig, as_plain
 from moegrok.pipeline.cluster import actor_options
-from moegrok.pipeline.record import failure
-from moegrok.pipeline.scheduler import Unit, run_units
+from moegrok.pipeline.runner import ActorPool, StageResult, Unit, UnitWorker, run_stage
 from moegrok.samples import select_samples
-from moegrok.store import RunDir, done_marker, fingerprint, invalidate, is_done, mark_done
-from moegrok.tuning import read_instructions, tune_checkpoint
+from moegrok.store import RunDir, done_fingerprint, fingerprint
+from moegrok.tuning import TuneResult, read_instructions, tune_checkpoint
 
 TUNED_SUFFIX = "+tuned"
 
 
-class TuneWorker:
+class TuneWorker(UnitWorker):
     def __init__(self, cfg: MonitorConfig, pairs: list[tuple[str, str]]) -> None:
         self.cfg, self.pairs = cfg, pairs
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    def run(self, ref: CheckpointRef, out_dir: str) -> dict:
-        try:
-            path = local_path(ref, cache_dir=self.cfg.checkpoints.cache_dir)
-            check_local_dir(path, ref.name)
-            result = tune_checkpoint(path, out_dir, self.pairs, self.cfg.tune, device=self.device,
-                                     dtype=resolve_dtype(self.cfg.model.dtype, self.device))
-        except Exception as e:
-            return failure(e)
-        return {"ok": True, "result": dataclasses.asdict(result)}
+    def compute(self, unit: Unit) -> dict:
+        ref: CheckpointRef = unit.payload
+        path = local_path(ref, cache_dir=self.cfg.checkpoints.cache_dir)
+        check_local_dir(path, ref.name)
+        result = tune_checkpoint(path, unit.output, self.pairs, self.cfg.tune, device=self.device,
+                                 dtype=resolve_dtype(self.cfg.model.dtype, self.device))
+        return {"checkpoint": ref.name, **dataclasses.asdict(result)}
 
 
 def instruction_pairs(cfg: MonitorConfig) -> tuple[list[tuple[str, str]], str]:
@@ -61,38 +56,20 @@ def tuned_path(run: RunDir, ref: CheckpointRef) -> Path:
 def tuned_refs(run: RunDir, refs: list[CheckpointRef]) -> list[CheckpointRef]:
     """The derived checkpoints already tuned in this run dir."""
     return [CheckpointRef(f"{ref.name}{TUNED_SUFFIX}", ref.step, ref.tokens, uri=str(tuned_path(run, ref)))
-            for ref in refs if done_marker(tuned_path(run, ref)).exists()]
+            for ref in refs if done_fingerprint(tuned_path(run, ref)) is not None]
 
 
-def tune_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> dict:
+def tune_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
     pairs, data_hash = instruction_pairs(cfg)
-    settings = dataclasses.asdict(cfg.tune) | {"num_actors": None, "num_gpus": None, "num_cpus": None}
-    prints = {ref.name: fingerprint(ref, data_hash, settings, cfg.model.dtype) for ref in refs}
-    units = [Unit(ref.name, 0, ref) for ref in refs if not is_done(tuned_path(run, ref), prints[ref.name])]
-    for unit in units:
-        invalidate(tuned_path(run, unit.payload))
-    failures: list[dict] = []
-    results = []
-    bar = tqdm(total=len(units), desc="tune", disable=not cfg.progress, unit="ckpt")
-
-    def on_done(unit: Unit, result: dict) -> None:
-        ref = unit.payload
-        if result["ok"]:
-            mark_done(tuned_path(run, ref), prints[ref.name])
-            results.append({"checkpoint": ref.name, **result["result"]})
-        else:
-            failures.append({"stage": "tune", "unit": ref.name, "error_type": result["error_type"],
-                             "message": result["message"], "time": pd.Timestamp.now(tz="UTC")})
-        bar.update()
-
-    start = time.perf_counter()
-    remote = ray.remote(TuneWorker).options(**actor_options(cfg.tune.num_gpus, cfg.tune.num_cpus))
-    pairs_ref = ray.put(pairs)
-    run_units(units, make_actor=lambda: remote.remote(cfg, pairs_ref), num_actors=cfg.tune.num_actors,
-              submit=lambda actor, unit: actor.run.remote(unit.payload, str(tuned_path(run, unit.payload))),
-              on_done=on_done, max_retries=cfg.tune.max_retries)
-    bar.close()
-    if results:
-        print(pd.DataFrame(results).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    return {"units": len(refs), "skipped": len(refs) - len(units), "done": len(units) - len(failures),
-            "failed": len(failures), "failures": failures, "seconds": time.perf_counter() - start}
+    # what changes a tuned model: the method's hyper-parameters, not where or how often it runs
+    settings = {k: v for k, v in as_plain(cfg.tune).items()
+                if k not in ("num_actors", "num_gpus", "num_cpus", "max_retries")}
+    units = [Unit(ref.name, ref.name, tuned_path(run, ref), fingerprint(ref, data_hash, settings, cfg.model.dtype),
+                  payload=ref) for ref in refs]
+    pool = ActorPool(TuneWorker, cfg, ray.put(pairs), options=actor_options(cfg.tune.num_gpus, cfg.tune.num_cpus),
+                     num_actors=cfg.tune.num_actors, max_retries=cfg.tune.max_retries)
+    result = run_stage("tune", units, pool, progress=cfg.progress)
+    if result.receipts:
+        columns = ["checkpoint", *(f.name for f in dataclasses.fields(TuneResult))]
+        print(pd.DataFrame(result.receipts)[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    return result
