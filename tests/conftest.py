@@ -13,6 +13,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tests.helpers import tiny_toy_config
 
 
+def pytest_collection_modifyitems(items):
+    """Tests on the local Ray cluster carry the `ray` marker (`make test-fast` leaves them out)."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
     """A trained tiny zoo directory with checkpoints step0, step3, step6."""

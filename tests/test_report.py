@@ -4,8 +4,9 @@ import subprocess
 import pandas as pd
 import pytest
 
+from moegrok.pages import table
 from moegrok.pipeline import run_monitor
-from moegrok.report import CURVE_METRICS, write_report
+from moegrok.report import CURVE_METRICS, correlation_summary, verdicts, write_report
 from moegrok.store import RunDir
 from tests.helpers import monitor_config
 
@@ -29,6 +30,33 @@ def test_report_contains_every_figure_and_table(stored_run):
                     "Failures", "Config"):
         assert heading in page
     assert "src=\"data:image/png;base64," in page and "http" not in page.split("<h2>Config")[0]
+
+
+def test_report_shows_the_stored_tables(stored_run):
+    """What the page shows is the stored tables, rendered, not a recomputation."""
+    page = stored_run.report.read_text()
+    onsets, correlations = pd.read_parquet(stored_run.onsets), pd.read_parquet(stored_run.correlations)
+    assert table(onsets) in page
+    assert table(correlation_summary(correlations)) in page
+    lines = verdicts(correlations, onsets)
+    assert len(lines) == len(onsets) and all(line in page for line in lines)
+    assert stored_run.config.read_text().splitlines()[0] in page.split("<h2>Config")[1]
+
+
+def test_verdicts_name_fixed_metrics_and_say_when_a_group_never_rises():
+    def rows(group, **spearman):
+        return [{"group": group, "benchmark": "b", "window": "post_memorization", "metric": metric, "n": 12,
+                 "spearman": value, "step_spearman": 0.9, "loss_spearman": -0.5,
+                 "beats_baselines": metric == "mean_cos"} for metric, value in spearman.items()]
+
+    correlations = pd.DataFrame(rows("add", pathway_distance=-0.8, mean_cos=0.95, load_entropy=0.99)
+                                + rows("mul", pathway_distance=-0.3, mean_cos=0.2))
+    onsets = pd.DataFrame({"group": ["add", "mul"], "benchmark": "b", "generalization_onset": [300.0, None]})
+    add, mul = verdicts(correlations, onsets)
+    assert add == ("add (b), n=12 checkpoints after memorization: Spearman pathway_distance -0.80, mean_cos +0.95; "
+                   "baselines: step +0.90, training loss -0.50. Beats both baselines (raw and detrended): mean_cos.")
+    assert "load_entropy" not in add  # never the best of many: only the fixed verdict metrics
+    assert mul.startswith("mul (b): accuracy never rises") and "noise" in mul
 
 
 def test_rerunning_the_report_recomputes_nothing(stored_run):
@@ -63,8 +91,8 @@ def test_report_without_accuracy_or_metric_values_draws_accuracy_alone(stored_ru
     shutil.copytree(stored_run.root, run_dir)
     run = RunDir(run_dir)
     shutil.rmtree(run.figures)
-    for table in (run.accuracy, run.correlations, run.onsets):
-        table.unlink()
+    for stored in (run.accuracy, run.correlations, run.onsets):
+        stored.unlink()
     metrics = pd.read_parquet(run.metrics)
     metrics[[m for m in CURVE_METRICS if m in metrics]] = float("nan")
     metrics.to_parquet(run.metrics)
