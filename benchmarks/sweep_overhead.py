@@ -29,9 +29,10 @@ from moegrok.config import (
     RecordConfig,
     SamplesConfig,
 )
+from moegrok.memorization import select_memorized
 from moegrok.metrics_table import checkpoint_features, group_rows
 from moegrok.routing import RoutingRecorder, router_weights
-from moegrok.samples import select_memorized, select_samples, tokenize_samples
+from moegrok.samples import select_samples, tokenize_samples
 
 
 def plain_loop(cfg: MonitorConfig) -> float:
