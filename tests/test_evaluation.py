@@ -75,27 +75,52 @@ def tiny_olmoe(tmp_path_factory):
     return save_tiny_moe("olmoe", tmp_path_factory.mktemp("m") / "step1")
 
 
+def reference_loglikelihood(model, context, continuation):
+    """(summed log-probability, every token the argmax) from one plain forward."""
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(torch.tensor([context + continuation])).logits[0].float(), -1)
+    rows = [logprobs[len(context) - 1 + j] for j in range(len(continuation))]
+    return (sum(float(row[t]) for row, t in zip(rows, continuation, strict=True)),
+            all(int(row.argmax()) == t for row, t in zip(rows, continuation, strict=True)))
+
+
+def reference_generate(model, tokenizer, prompt, *, max_new_tokens, stop=()):
+    """Greedy tokens without EOS, cut after the first token whose decoded prefix holds a stop string."""
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        tokens = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=eos, pad_token_id=0)[0, len(prompt):].tolist()
+    tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
+    for end in range(1, len(tokens) + 1):
+        if any(s in tokenizer.decode(tokens[:end]) for s in stop):
+            return tokens[:end]
+    return tokens
+
+
 def test_hf_engine_matches_a_plain_forward_and_generate(tiny_olmoe):
     engine = HFEngine(batch_size=2)
     engine.load(str(tiny_olmoe))
     model = AutoModelForCausalLM.from_pretrained(tiny_olmoe).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_olmoe)
+    assert engine.max_length == model.config.max_position_embeddings
     context = tokenizer("3 + 4 =")["input_ids"]
-    requests = [(context, [5]), (context, [6, 7]), (tokenizer("1 =")["input_ids"], [9])]
+    prompts = [context, tokenizer("1 =")["input_ids"], tokenizer("0 =")["input_ids"]]
+    greedy = reference_generate(model, tokenizer, context, max_new_tokens=2)
+    requests = [(context, [5]), (context, [6, 7]), (prompts[1], [9]), (context, greedy)]
     got = engine.loglikelihood(requests)
-    for (ctx, cont), value in zip(requests, got, strict=True):
-        with torch.no_grad():
-            logprobs = F.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
-        expected = sum(float(logprobs[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+    for (ctx, cont), (value, is_greedy) in zip(requests, got, strict=True):
+        expected, expected_greedy = reference_loglikelihood(model, ctx, cont)
         assert value == pytest.approx(expected, abs=1e-4)
-    prompts = [context, tokenizer("1 =")["input_ids"]]
-    generated = engine.generate(prompts, max_new_tokens=4)
-    for prompt, tokens in zip(prompts, generated, strict=True):
-        with torch.no_grad():
-            reference = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=0)[0, len(prompt):].tolist()
-        eos = tokenizer.eos_token_id
-        assert tokens == (reference[: reference.index(eos)] if eos in reference else reference)
+        assert is_greedy == expected_greedy
+    assert got[-1][1]  # the model's own greedy continuation is greedy
+    generated = engine.generate(prompts, max_new_tokens=6)
+    assert generated == [reference_generate(model, tokenizer, p, max_new_tokens=6) for p in prompts]
+    # stop at the text of the last but one token of the longest generation
+    longest = max(range(len(prompts)), key=lambda i: len(generated[i]))
+    stop = (tokenizer.decode(generated[longest][-2:-1]),)
+    stopped = engine.generate(prompts, max_new_tokens=6, stop=stop)
+    assert stopped == [reference_generate(model, tokenizer, p, max_new_tokens=6, stop=stop) for p in prompts]
+    assert len(stopped[longest]) < len(generated[longest])
 
 
 def test_score_items_every_kind(tiny_olmoe):

@@ -62,7 +62,7 @@ def score_items(engine: Engine, items: list[Item], *, max_new_tokens: int, code_
             for choice in item.choices:
                 requests.append((context, tokenizer(choice, add_special_tokens=False)["input_ids"]))
                 owners.append(item.id)
-        logliks = engine.loglikelihood(requests)
+        logliks = [ll for ll, _ in engine.loglikelihood(requests)]
         cursor = 0
         for item in choice_items:
             scores = logliks[cursor : cursor + len(item.choices)]
