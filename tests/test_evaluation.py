@@ -1,5 +1,9 @@
 import json
+import math
+import subprocess
+import sys
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +11,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moegrok.evaluation.benchmarks import BenchmarkError, Item, load_benchmark
 from moegrok.evaluation.engines import HFEngine
-from moegrok.evaluation.scoring import accuracy_rows, choose, code_passes, exact_match, normalize, score_items
+from moegrok.evaluation.scoring import (
+    accuracy_rows,
+    choose,
+    code_passes,
+    exact_match,
+    normalize,
+    run_isolated,
+    score_items,
+)
 from tests.helpers import save_tiny_moe
 
 
@@ -126,15 +138,60 @@ def test_hf_engine_matches_a_plain_forward_and_generate(tiny_olmoe):
 def test_score_items_every_kind(tiny_olmoe):
     engine = HFEngine()
     engine.load(str(tiny_olmoe))
+    model = AutoModelForCausalLM.from_pretrained(tiny_olmoe).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_olmoe)
     items = [
         Item("e", "math", "exact", "1 + 1 =", answer="definitely not generated"),
         Item("c", "math", "choice", "1 + 1 =", choices=[" 2", " 3"], label=0),
         Item("k", "code", "code", "def f():\n    return 1\n", tests="assert f() == 1"),
     ]
     scored = score_items(engine, items, max_new_tokens=2, code_timeout_s=10)
-    assert scored["id"].tolist() == ["e", "c", "k"]
+    assert scored["id"].tolist() == ["e", "c", "k"] and scored["error"].isna().all()
     assert scored.loc[0, "score"] == 0.0
-    assert scored.loc[1, "prediction"] in (" 2", " 3")
-    assert set(scored["score"]) <= {0.0, 1.0} and scored.loc[2, "kind"] == "code"
+    logliks = [reference_loglikelihood(model, tokenizer("1 + 1 =")["input_ids"],
+                                       tokenizer(c, add_special_tokens=False)["input_ids"])[0] for c in (" 2", " 3")]
+    best = max(range(2), key=lambda i: logliks[i])
+    assert scored.loc[1, "prediction"] == [" 2", " 3"][best] and scored.loc[1, "score"] == float(best == 0)
+    completion = tokenizer.decode(reference_generate(model, tokenizer, tokenizer(items[2].prompt)["input_ids"],
+                                                     max_new_tokens=2), skip_special_tokens=True)
+    program = items[2].prompt + completion + "\n\n" + items[2].tests
+    passes = subprocess.run([sys.executable, "-c", program], capture_output=True).returncode == 0
+    assert scored.loc[2, "prediction"] == completion and scored.loc[2, "score"] == float(passes)
     accuracy = accuracy_rows(scored, checkpoint="step1", step=1, benchmark="b")
     assert accuracy.set_index("group")["n"].to_dict() == {"code": 1, "math": 2}
+
+
+def test_run_isolated_fails_only_the_items_whose_inputs_raise():
+    results = run_isolated(lambda xs: [1 / x for x in xs], {0: [1, 2], 1: [0], 2: [4]})
+    assert results[0] == [1.0, 0.5] and results[2] == [0.25]
+    assert isinstance(results[1], ZeroDivisionError)
+    assert run_isolated(lambda xs: [2 * x for x in xs], {0: [1, 2], 1: [3]}) == {0: [2, 4], 1: [6]}
+
+
+def test_score_items_isolates_an_item_whose_scorer_fails(tiny_olmoe):
+    engine = HFEngine()
+    engine.load(str(tiny_olmoe))
+    good = [Item("e", "math", "exact", "1 + 1 =", answer="2"),
+            Item("c", "math", "choice", "1 + 1 =", choices=[" 2", " 3"], label=0),
+            Item("k", "code", "code", "x = 1\n", tests="assert x == 1")]
+    bad = [Item("u", "code", "code", "x = 1\n", tests="assert x == '\ud800'"),  # unencodable: the sandbox raises
+           Item("z", "math", "essay", "1 + 1 =")]
+    scored = score_items(engine, [good[0], bad[0], good[1], bad[1], good[2]], max_new_tokens=2,
+                         code_timeout_s=10).set_index("id")
+    alone = score_items(engine, good, max_new_tokens=2, code_timeout_s=10).set_index("id")
+    pd.testing.assert_frame_equal(scored.loc[alone.index], alone)
+    assert scored.loc["u", "error"].startswith("UnicodeEncodeError") and math.isnan(scored.loc["u", "score"])
+    assert scored.loc["z", "error"] == "ValueError: kind='essay' is not a benchmark item kind"
+    accuracy = accuracy_rows(scored.reset_index(), checkpoint="step1", step=1, benchmark="b").set_index("group")
+    expected = alone.groupby("group")["score"].mean()
+    assert accuracy["accuracy"].to_dict() == expected.to_dict()
+    assert accuracy[["n", "num_errors"]].to_dict("index") == {"code": {"n": 1, "num_errors": 1},
+                                                              "math": {"n": 2, "num_errors": 1}}
+
+
+def test_accuracy_rows_of_tables_without_an_error_column():
+    scored = pd.DataFrame({"id": ["a", "b", "c"], "group": ["g", "g", "h"], "kind": "exact", "prediction": "",
+                           "score": [1.0, 0.0, 1.0], "score_norm": [1.0, 0.0, 1.0]})
+    accuracy = accuracy_rows(scored, checkpoint="c", step=0, benchmark="b").set_index("group")
+    assert accuracy[["accuracy", "n", "num_errors"]].to_dict("index") == {
+        "g": {"accuracy": 0.5, "n": 2, "num_errors": 0}, "h": {"accuracy": 1.0, "n": 1, "num_errors": 0}}

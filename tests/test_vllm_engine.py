@@ -72,15 +72,19 @@ def test_vllm_matches_hf_on_a_tiny_olmoe(engine, tmp_path):
     assert engine.num_engine_starts == starts + 1  # a fresh engine per checkpoint
 
 
-def test_vllm_scores_benchmark_items(engine, tiny_zoo):
+def test_vllm_scores_benchmark_items_and_fails_only_a_prompt_too_long(engine, tiny_zoo):
     engine.load(str(tiny_zoo / "step6"))
     items = [Item("a", "add", "exact", "3 + 4 =", answer="7"),
              Item("b", "add", "choice", "3 + 4 =", choices=[" 7", " 8"], label=0)]
-    scored = score_items(engine, items, max_new_tokens=2, code_timeout_s=5)
+    too_long = Item("l", "add", "exact", "1 + " * 40 + "1 =", answer="7")  # longer than the toy's 32 positions
+    scored = score_items(engine, [items[0], too_long, items[1]], max_new_tokens=2, code_timeout_s=5)
     hf = HFEngine()
     hf.load(str(tiny_zoo / "step6"))
     expected = score_items(hf, items, max_new_tokens=2, code_timeout_s=5)
-    assert scored[["prediction", "score"]].equals(expected[["prediction", "score"]])
+    assert scored.loc[[0, 2], ["prediction", "score"]].reset_index(drop=True).equals(
+        expected[["prediction", "score"]])
+    assert scored["error"].isna().tolist() == [True, False, True]
+    assert "maximum context length is 32 tokens" in scored.loc[1, "error"]
 
 
 def test_vllm_scores_a_merged_lora_model_like_the_adapter_model(engine, tmp_path):

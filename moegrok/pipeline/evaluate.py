@@ -125,7 +125,7 @@ def evaluate_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -
 
 
 def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str]) -> pd.DataFrame:
-    """accuracy.parquet: checkpoint, step, benchmark, group, accuracy, accuracy_norm, n, tuned,
+    """accuracy.parquet: checkpoint, step, benchmark, group, accuracy, accuracy_norm, n, num_errors, tuned,
     base_checkpoint (a tuned checkpoint `<name>+tuned` belongs to `<name>`)."""
     frames = []
     for ref in refs:
@@ -136,7 +136,8 @@ def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str]) -> 
                                      benchmark=name)
                 tuned = ref.name.endswith(TUNED_SUFFIX)
                 frames.append(rows.assign(tuned=tuned, base_checkpoint=ref.name.removesuffix(TUNED_SUFFIX)))
-    columns = ["checkpoint", "step", "benchmark", "group", "accuracy", "accuracy_norm", "n", "tuned", "base_checkpoint"]
+    columns = ["checkpoint", "step", "benchmark", "group", "accuracy", "accuracy_norm", "n", "num_errors", "tuned",
+               "base_checkpoint"]
     accuracy = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     write_parquet(accuracy, run.accuracy)
     return accuracy
