@@ -63,23 +63,45 @@ def test_jsonl_benchmark_errors_name_file_and_line(tmp_path):
             load_benchmark(path)
 
 
+def write_task(folder, name, body, docs):
+    write_jsonl(folder / f"{name}.jsonl", docs)
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / f'{name}.jsonl'}\n"
+        "test_split: test\n" + body
+    )
+    return folder / f"{name}.yaml"
+
+
 def test_lm_eval_yaml_with_local_data(tmp_path):
-    write_jsonl(tmp_path / "mc.jsonl", [{"question": "2 + 3 =", "choices": ["4", "5"], "label": 1}])
-    write_jsonl(tmp_path / "gen.jsonl", [{"question": "1 + 1 =", "answer": "2"}])
-    (tmp_path / "mc.yaml").write_text(
-        "task: toy_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {tmp_path / 'mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
-    )
-    (tmp_path / "gen.yaml").write_text(
-        "task: toy_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {tmp_path / 'gen.jsonl'}\ntest_split: test\noutput_type: generate_until\n"
-        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
-    )
-    (choice,) = load_benchmark(tmp_path / "mc.yaml")
-    assert (choice.kind, choice.prompt, choice.choices, choice.label) == ("choice", "2 + 3 =", [" 4", " 5"], 1)
-    (exact,) = load_benchmark(tmp_path / "gen.yaml")
-    assert (exact.kind, exact.answer) == ("exact", "2")
+    mc = write_task(tmp_path, "toy_mc", 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
+                    'doc_to_choice: "{{choices}}"\ndoc_to_target: label\n',
+                    [{"question": "2 + 3 =", "choices": ["4", "5"], "label": 1}])
+    gen = write_task(tmp_path, "toy_gen", 'output_type: generate_until\ndoc_to_text: "{{question}}"\n'
+                     'doc_to_target: "{{answer}}"\n', [{"id": 7, "question": "1 + 1 =", "answer": "2"}])
+    (choice,) = load_benchmark(mc)
+    assert (choice.id, choice.group, choice.kind) == ("0", "toy_mc", "multiple_choice")  # no id field: the index
+    assert (choice.requests, choice.choices) == ((("2 + 3 =", " 4"), ("2 + 3 =", " 5")), ("4", "5"))
+    (generate,) = load_benchmark(gen)
+    # lm-eval's defaults: stop at the few-shot delimiter, at most 256 new tokens
+    assert (generate.id, generate.prompt, generate.until, generate.max_gen_toks) == ("7", "1 + 1 =", ("\n\n",), 256)
+
+
+def test_lm_eval_tasks_moegrok_cannot_score_as_lm_eval_are_refused(tmp_path):
+    docs = [{"question": "1 + 1 =", "answer": "2"}]
+    cases = [
+        ("ll", 'output_type: loglikelihood\ndoc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n',
+         r"ll.yaml: output_type 'loglikelihood' is not supported"),
+        ("sampled", 'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
+         "generation_kwargs: {until: [x], do_sample: true, temperature: 0.7}\n", r"sampled.yaml: .* sampling"),
+        ("bleu", 'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\nmetric_list: [{metric: bleu}]\n',
+         r"bleu.yaml: metrics \['bleu'\] are not averaged"),
+    ]
+    for name, body, message in cases:
+        with pytest.raises(BenchmarkError, match=message):
+            load_benchmark(write_task(tmp_path, name, body, docs))
+    plain = write_task(tmp_path, "plain", 'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n', docs)
+    with pytest.raises(BenchmarkError, match=r"plain.yaml: document 0 has no group_field 'subject'"):
+        load_benchmark(plain, group_field="subject")
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,14 @@ moegrok's jsonl kinds follow moegrok's own rules:
   choice: score: the choice with the highest summed log-likelihood is the label; score_norm: the
           choice with the highest log-likelihood per UTF-8 byte of its continuation is
   code:   pass@1: prompt + greedy completion + tests exits with status 0 in the sandbox
+lm-eval tasks (kinds multiple_choice, generate_until) are scored as lm-eval scores them (see
+lm_eval_tasks.py): `metrics` holds each "metric,filter" value, score is the first metric of the
+task's metric_list, score_norm its acc_norm (else the score).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -24,9 +28,11 @@ import pandas as pd
 
 from moegrok.evaluation.benchmarks import Item
 from moegrok.evaluation.engines import Engine, Tokens
+from moegrok.evaluation.lm_eval_tasks import LmEvalItem, lm_eval_results, primary_scores
 from moegrok.evaluation.sandbox import run_python
 
-ITEM_COLUMNS = ["id", "group", "kind", "prediction", "score", "score_norm", "error"]
+ITEM_COLUMNS = ["id", "group", "kind", "prediction", "score", "score_norm", "error", "metrics"]
+LM_EVAL_KINDS = ("multiple_choice", "generate_until")
 
 
 def normalize(text: str) -> str:
@@ -60,7 +66,7 @@ class TokenRequests:
     max_new_tokens: int = 0
 
 
-def token_requests(item: Item, engine: Engine, *, max_new_tokens: int) -> TokenRequests:
+def token_requests(item: Item | LmEvalItem, engine: Engine, *, lm_eval_tokens, max_new_tokens: int) -> TokenRequests:
     tokenizer = engine.tokenizer
     if item.kind in ("exact", "code"):
         return TokenRequests(prompt=tokenizer(item.prompt)["input_ids"], max_new_tokens=max_new_tokens)
@@ -68,6 +74,16 @@ def token_requests(item: Item, engine: Engine, *, max_new_tokens: int) -> TokenR
         context = tokenizer(item.prompt)["input_ids"]
         return TokenRequests(pairs=[(context, tokenizer(c, add_special_tokens=False)["input_ids"])
                                     for c in item.choices])
+    if item.kind == "multiple_choice":
+        if not item.requests:
+            raise ValueError("the document has no choices")
+        return TokenRequests(pairs=[lm_eval_tokens.pair(context, continuation, max_length=engine.max_length)
+                                    for context, continuation in item.requests])
+    if item.kind == "generate_until":
+        prompt = lm_eval_tokens.generation_prompt(item.prompt, max_gen_toks=item.max_gen_toks,
+                                                  max_length=engine.max_length)
+        return TokenRequests(prompt=prompt, stop=lm_eval_tokens.stop_strings(item.until),
+                             max_new_tokens=item.max_gen_toks)
     raise ValueError(f"kind={item.kind!r} is not a benchmark item kind")
 
 
@@ -106,37 +122,51 @@ def run_requests(engine: Engine, requests: dict[int, TokenRequests]) -> dict[int
     return responses
 
 
-def item_scores(item: Item, responses: list, *, tokenizer, code_timeout_s: float) -> dict:
-    """prediction, score, score_norm of one item from the engine's responses."""
+def item_scores(item: Item | LmEvalItem, requests: TokenRequests, responses: list, *, tokenizer, lm_eval_tokens,
+                code_timeout_s: float) -> dict:
+    """prediction, score, score_norm, metrics of one item from the engine's responses."""
     if item.kind == "choice":
         best, best_norm = choose([ll for ll, _ in responses], item.choices)
         return {"prediction": item.choices[best], "score": float(best == item.label),
-                "score_norm": float(best_norm == item.label)}
-    text = tokenizer.decode(responses[0], skip_special_tokens=True)
-    if item.kind == "exact":
-        score = exact_match(text, item.answer)
-    else:
-        score = float(code_passes(item.prompt, text, item.tests, timeout_s=code_timeout_s))
-    return {"prediction": text, "score": score, "score_norm": score}
+                "score_norm": float(best_norm == item.label), "metrics": "{}"}
+    if item.kind in ("exact", "code"):
+        text = tokenizer.decode(responses[0], skip_special_tokens=True)
+        if item.kind == "exact":
+            score = exact_match(text, item.answer)
+        else:
+            score = float(code_passes(item.prompt, text, item.tests, timeout_s=code_timeout_s))
+        return {"prediction": text, "score": score, "score_norm": score, "metrics": "{}"}
+    if item.kind == "generate_until":
+        responses = [lm_eval_tokens.generated_text(responses[0], requests.stop)]
+    prediction, metrics = lm_eval_results(item, responses)
+    score, score_norm = primary_scores(item, metrics)
+    return {"prediction": prediction, "score": score, "score_norm": score_norm, "metrics": json.dumps(metrics)}
 
 
-def score_items(engine: Engine, items: list[Item], *, max_new_tokens: int,
+def score_items(engine: Engine, items: list[Item | LmEvalItem], *, max_new_tokens: int,
                 code_timeout_s: float) -> pd.DataFrame:
-    """One row per item (ITEM_COLUMNS): score 0/1, score_norm (choice: the length-normalized
-    choice; others: = score), error (missing, or why the item has no score)."""
+    """One row per item (ITEM_COLUMNS): score 0/1 (lm-eval: its metric's value), score_norm
+    (choice: the length-normalized choice; others: = score), error (missing, or why the item has
+    no score), metrics (lm-eval items: JSON of every "metric,filter" value, else "{}")."""
+    lm_eval_tokens = None
+    if any(item.kind in LM_EVAL_KINDS for item in items):
+        from moegrok.evaluation.lm_eval_tokens import HFTokenization
+
+        lm_eval_tokens = HFTokenization(engine.tokenizer)
     rows = [{"id": item.id, "group": item.group, "kind": item.kind, "prediction": "", "score": np.nan,
-             "score_norm": np.nan, "error": None} for item in items]
+             "score_norm": np.nan, "error": None, "metrics": "{}"} for item in items]
     requests: dict[int, TokenRequests] = {}
     for i, item in enumerate(items):
         try:
-            requests[i] = token_requests(item, engine, max_new_tokens=max_new_tokens)
+            requests[i] = token_requests(item, engine, lm_eval_tokens=lm_eval_tokens, max_new_tokens=max_new_tokens)
         except Exception as e:
             rows[i]["error"] = _message(e)
     for i, responses in run_requests(engine, requests).items():
         try:
             if isinstance(responses, Exception):
                 raise responses
-            rows[i] |= item_scores(items[i], responses, tokenizer=engine.tokenizer, code_timeout_s=code_timeout_s)
+            rows[i] |= item_scores(items[i], requests[i], responses, tokenizer=engine.tokenizer,
+                                   lm_eval_tokens=lm_eval_tokens, code_timeout_s=code_timeout_s)
         except Exception as e:
             rows[i]["error"] = _message(e)
     return pd.DataFrame(rows, columns=ITEM_COLUMNS).astype({"error": "str"})  # missing where scored

@@ -72,7 +72,7 @@ def load_benchmarks(cfg: MonitorConfig) -> tuple[dict[str, list[Item]], dict[str
     benchmarks, hashes, failures = {}, {}, []
     for bench in cfg.eval.benchmarks:
         try:
-            items = load_benchmark(bench.path)
+            items = load_benchmark(bench.path, group_field=bench.group_field, id_field=bench.id_field)
         except Exception as e:
             failures.append({"stage": "evaluate", "unit": f"benchmark {bench.name} ({bench.path})",
                              "error_type": type(e).__name__, "message": str(e), "time": pd.Timestamp.now(tz="UTC")})
