@@ -13,6 +13,7 @@ import yaml
 
 from moegrok.evaluation.benchmarks import load_benchmark
 from moegrok.evaluation.engines import HFEngine, VLLMEngine
+from moegrok.evaluation.lm_eval_tokens import HFTokenization
 from moegrok.evaluation.scoring import score_items
 
 ADD = [(a, b) for a in range(1, 9) for b in (2, 5)]
@@ -121,13 +122,16 @@ def parity_setup(tmp_path_factory):
 
 
 def lm_eval_rows(samples):
-    """{doc id: (context of the first request, first filter's response, {"metric,filter": value})}."""
+    """{doc id: (context of the first request, first filter's response, {"metric,filter": value},
+    the model's responses: (log-likelihood, is_greedy) per request or the generated text)}."""
     rows = {}
     for sample in samples:
         doc_id = sample["doc"]["id"]
-        context, response, metrics = rows.get(doc_id, (sample["arguments"][0][0], sample["filtered_resps"][0], {}))
+        responses = [resps[0] for resps in sample["resps"]]
+        context, response, metrics, _ = rows.get(doc_id, (sample["arguments"][0][0], sample["filtered_resps"][0],
+                                                           {}, responses))
         metrics |= {f"{name},{sample['filter']}": float(sample[name]) for name in sample["metrics"]}
-        rows[doc_id] = (context, response, metrics)
+        rows[doc_id] = (context, response, metrics, responses)
     return rows
 
 
@@ -139,12 +143,18 @@ def assert_parity(engine, model, tasks, samples):
         expected = lm_eval_rows(samples[name])
         assert scored["error"].isna().all(), scored["error"].dropna().to_dict()
         assert sorted(scored.index) == sorted(expected)
+        tokens = HFTokenization(engine.tokenizer)
         for item in items:
-            context, response, metrics = expected[item.id]
+            context, response, metrics, responses = expected[item.id]
             assert item.prompt == context, item.id
             assert json.loads(scored.loc[item.id, "metrics"]) == metrics, item.id
             if item.kind == "generate_until":
                 assert scored.loc[item.id, "prediction"] == response, item.id
+            else:  # the same token ids scored to the same log-likelihoods, whatever the argmax
+                pairs = [tokens.pair(c, x, max_length=engine.max_length) for c, x in item.requests]
+                got = engine.loglikelihood(pairs)
+                assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in responses], abs=1e-4), item.id
+                assert [greedy for _, greedy in got] == [greedy for _, greedy in responses], item.id
         first = "exact_match,number" if name == "parity_gen" else "acc,none"
         assert scored["score"].tolist() == [expected[item.id][2][first] for item in items]
         assert 0 < scored["score"].mean() < 1  # the model got some right and some wrong: the check can fail
