@@ -321,6 +321,8 @@ class MetricsConfig:
 class BenchmarkConfig:
     name: str = MISSING
     path: str = MISSING  # jsonl items, or an lm-eval task YAML with a local dataset
+    group_field: str | None = None  # lm-eval: the document field that is an item's group (else the task's tag)
+    id_field: str = "id"  # lm-eval: the document field that is an item's id (else its index)
 
 
 @dataclass

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moegrok.evaluation.benchmarks import Item
-from moegrok.evaluation.engines import HFEngine, VLLMEngine
+from moegrok.evaluation.engines import HFEngine, VLLMEngine, cut_at_stop
 from moegrok.evaluation.scoring import score_items
 from tests.helpers import save_tiny_moe
 
@@ -35,8 +35,16 @@ def assert_engines_agree(engine, path):
     hf = HFEngine()
     hf.load(str(path))
     contexts, requests = requests_for(path)
-    assert engine.loglikelihood(requests) == pytest.approx(hf.loglikelihood(requests), abs=1e-4)
-    assert_greedy(path, contexts, engine.generate(contexts, max_new_tokens=3))
+    got, expected = engine.loglikelihood(requests), hf.loglikelihood(requests)
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
+    assert [greedy for _, greedy in got] == [greedy for _, greedy in expected]
+    generated = engine.generate(contexts, max_new_tokens=3)
+    assert_greedy(path, contexts, generated)
+    # a stop string ends a generation after the token that completes it, as the contract says
+    longest = max(generated, key=len)
+    stop = ("", engine.tokenizer.decode(longest[-1:]))  # the empty string stops nothing
+    assert engine.generate(contexts, max_new_tokens=3, stop=stop) == [
+        cut_at_stop(tokens, stop, engine.tokenizer) for tokens in generated]
 
 
 def assert_greedy(path, contexts, generated, tol=1e-2):
@@ -64,15 +72,19 @@ def test_vllm_matches_hf_on_a_tiny_olmoe(engine, tmp_path):
     assert engine.num_engine_starts == starts + 1  # a fresh engine per checkpoint
 
 
-def test_vllm_scores_benchmark_items(engine, tiny_zoo):
+def test_vllm_scores_benchmark_items_and_fails_only_a_prompt_too_long(engine, tiny_zoo):
     engine.load(str(tiny_zoo / "step6"))
     items = [Item("a", "add", "exact", "3 + 4 =", answer="7"),
              Item("b", "add", "choice", "3 + 4 =", choices=[" 7", " 8"], label=0)]
-    scored = score_items(engine, items, max_new_tokens=2, code_timeout_s=5)
+    too_long = Item("l", "add", "exact", "1 + " * 40 + "1 =", answer="7")  # longer than the toy's 32 positions
+    scored = score_items(engine, [items[0], too_long, items[1]], max_new_tokens=2, code_timeout_s=5)
     hf = HFEngine()
     hf.load(str(tiny_zoo / "step6"))
     expected = score_items(hf, items, max_new_tokens=2, code_timeout_s=5)
-    assert scored[["prediction", "score"]].equals(expected[["prediction", "score"]])
+    assert scored.loc[[0, 2], ["prediction", "score"]].reset_index(drop=True).equals(
+        expected[["prediction", "score"]])
+    assert scored["error"].isna().tolist() == [True, False, True]
+    assert "maximum context length is 32 tokens" in scored.loc[1, "error"]
 
 
 def test_vllm_scores_a_merged_lora_model_like_the_adapter_model(engine, tmp_path):
@@ -98,4 +110,4 @@ def test_vllm_scores_a_merged_lora_model_like_the_adapter_model(engine, tmp_path
     adapter.merge_and_unload().save_pretrained(merged_dir)
     AutoTokenizer.from_pretrained(path).save_pretrained(merged_dir)
     engine.load(str(merged_dir))
-    assert engine.loglikelihood(requests) == pytest.approx(expected, abs=1e-4)
+    assert [ll for ll, _ in engine.loglikelihood(requests)] == pytest.approx(expected, abs=1e-4)

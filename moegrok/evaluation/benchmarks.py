@@ -1,17 +1,23 @@
-"""Benchmark items from jsonl files or lm-eval-harness task YAMLs with a local dataset.
+"""Benchmark items from moegrok's jsonl files or lm-eval-harness task YAMLs with a local dataset.
 
-jsonl item fields: id, group, kind, prompt and
+moegrok jsonl item fields: id, group, kind, prompt and (scored by moegrok's rules, see scoring.py)
   kind = "exact":  answer (string; the normalized greedy generation must equal it)
   kind = "choice": choices (list of continuations), label (index of the right one)
   kind = "code":   tests (Python run after prompt + generated completion; passing = exit 0)
+An lm-eval task YAML gives `LmEvalItem`s, scored as lm-eval scores them (see lm_eval_tasks.py).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moegrok.jsonl import InvalidJSON, jsonl_records
+
+if TYPE_CHECKING:
+    from moegrok.evaluation.lm_eval_tasks import LmEvalItem
 
 KINDS = ("exact", "choice", "code")
 
@@ -59,50 +65,25 @@ def load_jsonl(path: Path) -> list[Item]:
     return [_item(record, where) for where, record in jsonl_records(path)]
 
 
-def load_lm_eval_task(path: Path) -> list[Item]:
-    """Items of an lm-eval task YAML (output_type multiple_choice or generate_until) whose
-    dataset is a local file; the task's group is its `tag` (or its name)."""
-    from lm_eval.tasks import TaskManager
-
-    task_manager = TaskManager(include_path=str(path.parent), include_defaults=False)
-    import yaml
-
-    name = yaml.safe_load(path.read_text())["task"]
-    task = task_manager.load_task_or_group([name])[name]
-    docs = list(task.test_docs() if task.has_test_docs() else task.validation_docs())
-    group = name
-    kind = {"multiple_choice": "choice", "generate_until": "exact"}.get(task.OUTPUT_TYPE)
-    if kind is None:
-        raise BenchmarkError(f"{path}: lm-eval output_type {task.OUTPUT_TYPE!r} is not supported")
-    items = []
-    for index, doc in enumerate(docs):
-        prompt = task.doc_to_text(doc)
-        target = task.doc_to_target(doc)
-        if kind == "choice":
-            choices = task.doc_to_choice(doc)
-            label = target if isinstance(target, int) else choices.index(target)
-            sep = task.config.target_delimiter
-            items.append(Item(f"{name}-{index}", group, kind, prompt,
-                              choices=[sep + c for c in choices], label=int(label)))
-        else:
-            answer = target if isinstance(target, str) else str(target)
-            items.append(Item(f"{name}-{index}", group, kind, prompt, answer=answer))
-    return items
-
-
-def load_benchmark(path: str | Path) -> list[Item]:
+def load_benchmark(path: str | Path, *, group_field: str | None = None,
+                   id_field: str = "id") -> list[Item] | list[LmEvalItem]:
+    """Items of a jsonl file or an lm-eval task YAML (`group_field`, `id_field`: lm-eval only,
+    the document fields that name an item's group and id)."""
     path = Path(path)
     if not path.exists():
         raise BenchmarkError(f"{path}: no such benchmark file")
     if path.suffix in (".yaml", ".yml"):
-        items = load_lm_eval_task(path)
+        from moegrok.evaluation.lm_eval_tasks import load_lm_eval_task
+
+        items = load_lm_eval_task(path, group_field=group_field, id_field=id_field)
     elif path.suffix in (".jsonl", ".json"):
         items = load_jsonl(path)
     else:
         raise BenchmarkError(f"{path}: unsupported benchmark format {path.suffix!r} (jsonl or lm-eval YAML)")
     ids = [item.id for item in items]
     if len(set(ids)) != len(ids):
-        raise BenchmarkError(f"{path}: duplicate item ids")
+        repeated = sorted(i for i, count in Counter(ids).items() if count > 1)
+        raise BenchmarkError(f"{path}: duplicate item ids {repeated[:5]}")
     if not items:
         raise BenchmarkError(f"{path}: no items")
     return items

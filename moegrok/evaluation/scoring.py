@@ -1,18 +1,38 @@
-"""Score benchmark items with an engine: exact match, multiple choice by log-likelihood,
-code pass@1 in the sandbox. Item-level results and per-group accuracy tables."""
+"""Score benchmark items with an engine; item-level results and per-group accuracy tables.
+
+Every item is scored on its own: an item whose requests the engine rejects or whose scorer raises
+gets score NaN and the message in `error`; all other items are scored.
+
+moegrok's jsonl kinds follow moegrok's own rules:
+  exact:  the greedy generation (at most `max_new_tokens`) equals the answer after `normalize`
+          of both (first line, whitespace collapsed, outer "." dropped, lower-cased)
+  choice: score: the choice with the highest summed log-likelihood is the label; score_norm: the
+          choice with the highest log-likelihood per UTF-8 byte of its continuation is
+  code:   pass@1: prompt + greedy completion + tests exits with status 0 in the sandbox
+lm-eval tasks (kinds multiple_choice, generate_until) are scored as lm-eval scores them (see
+lm_eval_tasks.py): `metrics` holds each "metric,filter" value, score is the first metric of the
+task's metric_list, score_norm its acc_norm (else the score).
+"""
 
 from __future__ import annotations
 
+import json
 import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pandas as pd
 
 from moegrok.evaluation.benchmarks import Item
-from moegrok.evaluation.engines import Engine
+from moegrok.evaluation.engines import Engine, Tokens
+from moegrok.evaluation.lm_eval_tasks import LmEvalItem, lm_eval_results, primary_scores
 from moegrok.evaluation.sandbox import run_python
 
-ITEM_COLUMNS = ["id", "group", "kind", "prediction", "score", "score_norm"]
+ITEM_COLUMNS = ["id", "group", "kind", "prediction", "score", "score_norm", "error", "metrics"]
+LM_EVAL_KINDS = ("multiple_choice", "generate_until")
 
 
 def normalize(text: str) -> str:
@@ -36,58 +56,140 @@ def choose(logliks: list[float], choices: list[str]) -> tuple[int, int]:
     return int(np.argmax(logliks)), int(np.argmax(per_byte))
 
 
-def score_items(engine: Engine, items: list[Item], *, max_new_tokens: int, code_timeout_s: float) -> pd.DataFrame:
-    """One row per item: id, group, kind, prediction, score (0/1), score_norm (choice items:
-    the length-normalized choice; others: = score)."""
+@dataclass
+class TokenRequests:
+    """What the engine runs for one item: log-likelihood pairs, or one greedy generation."""
+
+    pairs: list[tuple[Tokens, Tokens]] = field(default_factory=list)
+    prompt: Tokens | None = None
+    stop: tuple[str, ...] = ()
+    max_new_tokens: int = 0
+
+
+def token_requests(item: Item | LmEvalItem, engine: Engine, *, lm_eval_tokens, max_new_tokens: int) -> TokenRequests:
     tokenizer = engine.tokenizer
-    rows: dict[str, dict] = {}
+    if item.kind in ("exact", "code"):
+        return TokenRequests(prompt=tokenizer(item.prompt)["input_ids"], max_new_tokens=max_new_tokens)
+    if item.kind == "choice":
+        context = tokenizer(item.prompt)["input_ids"]
+        return TokenRequests(pairs=[(context, tokenizer(c, add_special_tokens=False)["input_ids"])
+                                    for c in item.choices])
+    if item.kind == "multiple_choice":
+        if not item.requests:
+            raise ValueError("the document has no choices")
+        return TokenRequests(pairs=[lm_eval_tokens.pair(context, continuation, max_length=engine.max_length)
+                                    for context, continuation in item.requests])
+    if item.kind == "generate_until":
+        prompt = lm_eval_tokens.generation_prompt(item.prompt, max_gen_toks=item.max_gen_toks,
+                                                  max_length=engine.max_length)
+        return TokenRequests(prompt=prompt, stop=lm_eval_tokens.stop_strings(item.until),
+                             max_new_tokens=item.max_gen_toks)
+    raise ValueError(f"kind={item.kind!r} is not a benchmark item kind")
 
-    generated = [item for item in items if item.kind in ("exact", "code")]
-    if generated:
-        prompt_ids = [tokenizer(item.prompt)["input_ids"] for item in generated]
-        outputs = engine.generate(prompt_ids, max_new_tokens=max_new_tokens)
-        for item, tokens in zip(generated, outputs, strict=True):
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            if item.kind == "exact":
-                score = exact_match(text, item.answer)
-            else:
-                score = float(code_passes(item.prompt, text, item.tests, timeout_s=code_timeout_s))
-            rows[item.id] = {"prediction": text, "score": score, "score_norm": score}
 
-    choice_items = [item for item in items if item.kind == "choice"]
-    if choice_items:
-        requests, owners = [], []
-        for item in choice_items:
-            context = tokenizer(item.prompt)["input_ids"]
-            for choice in item.choices:
-                requests.append((context, tokenizer(choice, add_special_tokens=False)["input_ids"]))
-                owners.append(item.id)
-        logliks = engine.loglikelihood(requests)
-        cursor = 0
-        for item in choice_items:
-            scores = logliks[cursor : cursor + len(item.choices)]
-            cursor += len(item.choices)
-            best, best_norm = choose(scores, item.choices)
-            rows[item.id] = {"prediction": item.choices[best], "score": float(best == item.label),
-                             "score_norm": float(best_norm == item.label)}
+def run_isolated(run: Callable[[list], list], inputs: dict[int, list]) -> dict[int, list | Exception]:
+    """`run` over every item's inputs at once, split back per item; if that raises, item by item,
+    so an input the engine rejects fails only its own item."""
+    if not inputs:
+        return {}
+    try:
+        outputs = run([x for xs in inputs.values() for x in xs])
+    except Exception:
+        return {key: _run_one(run, xs) for key, xs in inputs.items()}
+    split, cursor = {}, 0
+    for key, xs in inputs.items():
+        split[key] = outputs[cursor : cursor + len(xs)]
+        cursor += len(xs)
+    return split
 
-    return pd.DataFrame(
-        [{"id": item.id, "group": item.group, "kind": item.kind, **rows[item.id]} for item in items],
-        columns=ITEM_COLUMNS,
-    )
+
+def _run_one(run: Callable[[list], list], inputs: list) -> list | Exception:
+    try:
+        return run(inputs)
+    except Exception as e:
+        return e
+
+
+def run_requests(engine: Engine, requests: dict[int, TokenRequests]) -> dict[int, list | Exception]:
+    """Per item: (log-likelihood, is_greedy) per pair, or [generated tokens]; or the exception."""
+    responses = run_isolated(engine.loglikelihood, {i: r.pairs for i, r in requests.items() if r.pairs})
+    generations: dict[tuple, dict[int, list]] = defaultdict(dict)
+    for i, r in requests.items():
+        if r.prompt is not None:
+            generations[r.stop, r.max_new_tokens][i] = [r.prompt]
+    for (stop, max_new_tokens), prompts in generations.items():
+        responses |= run_isolated(partial(engine.generate, max_new_tokens=max_new_tokens, stop=stop), prompts)
+    return responses
+
+
+def item_scores(item: Item | LmEvalItem, requests: TokenRequests, responses: list, *, tokenizer, lm_eval_tokens,
+                code_timeout_s: float) -> dict:
+    """prediction, score, score_norm, metrics of one item from the engine's responses."""
+    if item.kind == "choice":
+        best, best_norm = choose([ll for ll, _ in responses], item.choices)
+        return {"prediction": item.choices[best], "score": float(best == item.label),
+                "score_norm": float(best_norm == item.label), "metrics": "{}"}
+    if item.kind in ("exact", "code"):
+        text = tokenizer.decode(responses[0], skip_special_tokens=True)
+        if item.kind == "exact":
+            score = exact_match(text, item.answer)
+        else:
+            score = float(code_passes(item.prompt, text, item.tests, timeout_s=code_timeout_s))
+        return {"prediction": text, "score": score, "score_norm": score, "metrics": "{}"}
+    if item.kind == "generate_until":
+        responses = [lm_eval_tokens.generated_text(responses[0], requests.stop)]
+    prediction, metrics = lm_eval_results(item, responses)
+    score, score_norm = primary_scores(item, metrics)
+    return {"prediction": prediction, "score": score, "score_norm": score_norm, "metrics": json.dumps(metrics)}
+
+
+def score_items(engine: Engine, items: list[Item | LmEvalItem], *, max_new_tokens: int,
+                code_timeout_s: float) -> pd.DataFrame:
+    """One row per item (ITEM_COLUMNS): score 0/1 (lm-eval: its metric's value), score_norm
+    (choice: the length-normalized choice; others: = score), error (missing, or why the item has
+    no score), metrics (lm-eval items: JSON of every "metric,filter" value, else "{}")."""
+    lm_eval_tokens = None
+    if any(item.kind in LM_EVAL_KINDS for item in items):
+        from moegrok.evaluation.lm_eval_tokens import HFTokenization
+
+        lm_eval_tokens = HFTokenization(engine.tokenizer)
+    rows = [{"id": item.id, "group": item.group, "kind": item.kind, "prediction": "", "score": np.nan,
+             "score_norm": np.nan, "error": None, "metrics": "{}"} for item in items]
+    requests: dict[int, TokenRequests] = {}
+    for i, item in enumerate(items):
+        try:
+            requests[i] = token_requests(item, engine, lm_eval_tokens=lm_eval_tokens, max_new_tokens=max_new_tokens)
+        except Exception as e:
+            rows[i]["error"] = _message(e)
+    for i, responses in run_requests(engine, requests).items():
+        try:
+            if isinstance(responses, Exception):
+                raise responses
+            rows[i] |= item_scores(items[i], requests[i], responses, tokenizer=engine.tokenizer,
+                                   lm_eval_tokens=lm_eval_tokens, code_timeout_s=code_timeout_s)
+        except Exception as e:
+            rows[i]["error"] = _message(e)
+    return pd.DataFrame(rows, columns=ITEM_COLUMNS).astype({"error": "str"})  # missing where scored
+
+
+def _message(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 def accuracy_rows(scored: pd.DataFrame, *, checkpoint: str, step: int, benchmark: str) -> pd.DataFrame:
-    """Per group accuracy of one checkpoint on one benchmark."""
-    grouped = scored.groupby("group", sort=True)
+    """Per group accuracy of one checkpoint on one benchmark over the items without an error:
+    accuracy, accuracy_norm, n (items scored), num_errors (items left out for an error)."""
+    errored = scored["error"].notna() if "error" in scored else pd.Series(False, index=scored.index)
+    grouped = scored.assign(scored=~errored, errored=errored).groupby("group", sort=True)
     return pd.DataFrame(
         {
             "checkpoint": checkpoint,
             "step": step,
             "benchmark": benchmark,
             "group": list(grouped.groups),
-            "accuracy": grouped["score"].mean().to_numpy(),
+            "accuracy": grouped["score"].mean().to_numpy(),  # mean skips the errored items' NaN
             "accuracy_norm": grouped["score_norm"].mean().to_numpy(),
-            "n": grouped.size().to_numpy(),
+            "n": grouped["scored"].sum().to_numpy(),
+            "num_errors": grouped["errored"].sum().to_numpy(),
         }
     )

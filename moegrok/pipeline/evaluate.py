@@ -61,7 +61,7 @@ def load_benchmarks(cfg: MonitorConfig) -> tuple[dict[str, list[Item]], dict[str
     benchmarks, hashes, failures = {}, {}, []
     for bench in cfg.eval.benchmarks:
         try:
-            items = load_benchmark(bench.path)
+            items = load_benchmark(bench.path, group_field=bench.group_field, id_field=bench.id_field)
         except Exception as e:
             failures.append(failure_row("evaluate", f"benchmark {bench.name} ({bench.path})", **error_fields(e)))
             continue
@@ -90,7 +90,7 @@ def evaluate_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -
 
 
 def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str]) -> pd.DataFrame:
-    """accuracy.parquet: checkpoint, step, benchmark, group, accuracy, accuracy_norm, n, tuned,
+    """accuracy.parquet: checkpoint, step, benchmark, group, accuracy, accuracy_norm, n, num_errors, tuned,
     base_checkpoint (a tuned checkpoint `<name>+tuned` belongs to `<name>`)."""
     frames = []
     for ref in refs:
@@ -101,7 +101,8 @@ def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str]) -> 
                                      benchmark=name)
                 tuned = ref.name.endswith(TUNED_SUFFIX)
                 frames.append(rows.assign(tuned=tuned, base_checkpoint=ref.name.removesuffix(TUNED_SUFFIX)))
-    columns = ["checkpoint", "step", "benchmark", "group", "accuracy", "accuracy_norm", "n", "tuned", "base_checkpoint"]
+    columns = ["checkpoint", "step", "benchmark", "group", "accuracy", "accuracy_norm", "n", "num_errors", "tuned",
+               "base_checkpoint"]
     accuracy = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     write_parquet(accuracy, run.accuracy)
     return accuracy
