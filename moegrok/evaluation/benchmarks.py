@@ -9,10 +9,13 @@ An lm-eval task YAML gives `LmEvalItem`s, scored as lm-eval scores them (see lm_
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import yaml
 
 from moegrok.jsonl import InvalidJSON, jsonl_records
 
@@ -87,3 +90,35 @@ def load_benchmark(path: str | Path, *, group_field: str | None = None,
     if not items:
         raise BenchmarkError(f"{path}: no items")
     return items
+
+
+class _TolerantLoader(yaml.SafeLoader):
+    """Reads lm-eval task YAMLs, whose `!function` tags name Python code: kept as their text."""
+
+
+_TolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: f"!{suffix} {getattr(node, 'value', '')}")
+
+
+def _named_files(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [f for v in value for f in _named_files(v)]
+    if isinstance(value, dict):
+        return [f for v in value.values() for f in _named_files(v)]
+    return []
+
+
+def content_digest(path: str | Path) -> str:
+    """A hash of what a benchmark's items come from: the file and, for an lm-eval task YAML, the
+    local data files its `dataset_kwargs.data_files` names (so an edited data file re-scores)."""
+    path = Path(path)
+    digest = hashlib.sha256(path.read_bytes())
+    if path.suffix in (".yaml", ".yml"):
+        task = yaml.load(path.read_text(), Loader=_TolerantLoader) or {}
+        for name in sorted(_named_files((task.get("dataset_kwargs") or {}).get("data_files"))):
+            data = Path(name)
+            digest.update(name.encode())
+            digest.update(data.read_bytes() if data.is_file() else b"(missing)")
+    return digest.hexdigest()
+

@@ -73,7 +73,9 @@ class HFEngine:
     def load(self, checkpoint_dir: str) -> None:
         from lm_eval.models.utils import resolve_max_length
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # one bar per checkpoint load is noise in a sweep
         self.model = AutoModelForCausalLM.from_pretrained(
             checkpoint_dir, dtype=self.dtype, use_safetensors=True, trust_remote_code=self.trust_remote_code
         ).to(self.device).eval()

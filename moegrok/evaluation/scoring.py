@@ -32,6 +32,7 @@ from moegrok.evaluation.lm_eval_tasks import LmEvalItem, lm_eval_results, primar
 from moegrok.evaluation.sandbox import run_python
 
 ITEM_COLUMNS = ["id", "group", "kind", "prediction", "score", "score_norm", "error", "metrics"]
+SCORING_VERSION = 2  # part of every evaluation unit's fingerprint: raise it when scoring rules change
 LM_EVAL_KINDS = ("multiple_choice", "generate_until")
 
 

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -14,9 +11,9 @@ import torch
 
 from moegrok.checkpoints import CheckpointRef, check_local_dir, local_path, resolve_dtype
 from moegrok.config import Engine, MonitorConfig
-from moegrok.evaluation.benchmarks import Item, load_benchmark
+from moegrok.evaluation.benchmarks import Item, content_digest, load_benchmark
 from moegrok.evaluation.engines import HFEngine, VLLMEngine
-from moegrok.evaluation.scoring import accuracy_rows, score_items
+from moegrok.evaluation.scoring import SCORING_VERSION, accuracy_rows, score_items
 from moegrok.pipeline.cluster import actor_options
 from moegrok.pipeline.runner import ActorPool, StageResult, Unit, UnitWorker, run_stage
 from moegrok.pipeline.tune import TUNED_SUFFIX
@@ -69,13 +66,14 @@ def load_benchmarks(cfg: MonitorConfig) -> tuple[dict[str, list[Item]], dict[str
             keep = np.sort(np.random.default_rng(0).choice(len(items), cfg.eval.max_items, replace=False))
             items = [items[i] for i in keep]
         benchmarks[bench.name] = items
-        hashes[bench.name] = hashlib.sha256(Path(bench.path).read_bytes()).hexdigest()
+        hashes[bench.name] = content_digest(bench.path)
     return benchmarks, hashes, failures
 
 
 def evaluate_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
     benchmarks, hashes, load_failures = load_benchmarks(cfg)
-    settings = (cfg.eval.engine, cfg.eval.max_new_tokens, cfg.eval.max_items, cfg.eval.code_timeout_s, cfg.model.dtype)
+    settings = (cfg.eval.engine, cfg.eval.max_new_tokens, cfg.eval.max_items, cfg.eval.code_timeout_s, cfg.model.dtype,
+                SCORING_VERSION)
     units = [Unit(f"{ref.name}/{name}", ref.name, run.eval_items(ref.name, name),
                   fingerprint(ref, hashes[name], settings), payload={"ref": ref, "benchmark": name})
              for ref in refs for name in benchmarks]
@@ -84,25 +82,29 @@ def evaluate_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -
     pool = ActorPool(EvalWorker, cfg, ray.put(benchmarks), options=options, num_actors=cfg.eval.num_actors,
                      max_retries=cfg.eval.max_retries)
     result = run_stage("evaluate", units, pool, progress=cfg.progress)
-    result.failures = load_failures + result.failures
-    write_accuracy(run, refs, list(benchmarks))
+    _, item_failures = write_accuracy(run, refs, list(benchmarks))
+    result.failures = load_failures + result.failures + item_failures
     return result
 
 
-def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str]) -> pd.DataFrame:
+def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str]) -> tuple[pd.DataFrame, list[dict]]:
     """accuracy.parquet: checkpoint, step, benchmark, group, accuracy, accuracy_norm, n, num_errors, tuned,
-    base_checkpoint (a tuned checkpoint `<name>+tuned` belongs to `<name>`)."""
-    frames = []
+    base_checkpoint (a tuned checkpoint `<name>+tuned` belongs to `<name>`); and a failure row for
+    every stored item that has no score, named checkpoint/benchmark/item id."""
+    frames, failures = [], []
     for ref in refs:
         for name in names:
             path = run.eval_items(ref.name, name)
             if done_fingerprint(path) is not None:
-                rows = accuracy_rows(pq.read_table(path).to_pandas(), checkpoint=ref.name, step=ref.step,
-                                     benchmark=name)
+                scored = pq.read_table(path).to_pandas()
+                failures += [failure_row("evaluate", f"{ref.name}/{name}/{item_id}", "ItemError", error)
+                             for item_id, error in zip(scored["id"], scored["error"], strict=True)
+                             if isinstance(error, str)]
+                rows = accuracy_rows(scored, checkpoint=ref.name, step=ref.step, benchmark=name)
                 tuned = ref.name.endswith(TUNED_SUFFIX)
                 frames.append(rows.assign(tuned=tuned, base_checkpoint=ref.name.removesuffix(TUNED_SUFFIX)))
     columns = ["checkpoint", "step", "benchmark", "group", "accuracy", "accuracy_norm", "n", "num_errors", "tuned",
                "base_checkpoint"]
     accuracy = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     write_parquet(accuracy, run.accuracy)
-    return accuracy
+    return accuracy, failures
