@@ -11,7 +11,8 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moegrok.config import MonitorConfig, register_configs
+from moegrok.config import register_configs
+from moegrok.errors import exit_status
 from moegrok.pipeline import run_monitor
 
 register_configs()
@@ -20,8 +21,7 @@ exit_statuses: list[int] = []  # hydra.main drops return values; one entry per (
 
 @hydra.main(config_path="../conf", config_name="monitor", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    config: MonitorConfig = OmegaConf.to_object(cfg)
-    exit_statuses.append(run_monitor(config))
+    exit_statuses.append(exit_status(lambda: run_monitor(OmegaConf.to_object(cfg))))
 
 
 if __name__ == "__main__":

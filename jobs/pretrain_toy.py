@@ -6,21 +6,30 @@
 Re-running resumes from the newest checkpoint; a finished zoo is left as it is.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moegrok.config import PretrainToyConfig, register_configs
+from moegrok.config import register_configs
+from moegrok.errors import exit_status
 from moegrok.toy.summary import print_summary
 from moegrok.toy.train import train_toy
 
 register_configs()
+exit_statuses: list[int] = []  # hydra.main drops return values
+
+
+def pretrain(cfg: DictConfig) -> int:
+    print_summary(train_toy(OmegaConf.to_object(cfg)))
+    return 0
 
 
 @hydra.main(config_path="../conf", config_name="pretrain_toy", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    config: PretrainToyConfig = OmegaConf.to_object(cfg)
-    print_summary(train_toy(config))
+    exit_statuses.append(exit_status(lambda: pretrain(cfg)))
 
 
 if __name__ == "__main__":
     main()
+    sys.exit(max(exit_statuses, default=0))

@@ -9,7 +9,8 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moegrok.config import MonitorConfig, register_configs
+from moegrok.config import MonitorConfig, Stage, register_configs
+from moegrok.errors import exit_status
 from moegrok.pipeline import run_monitor
 
 register_configs()
@@ -24,8 +25,8 @@ def main() -> int:
         cfg: DictConfig = hydra.compose(config_name="monitor", overrides=overrides)
     cfg = OmegaConf.merge(cfg, stored, OmegaConf.from_dotlist(overrides), {"run_dir": run_dir})
     config: MonitorConfig = OmegaConf.to_object(cfg)
-    return run_monitor(config, stages=["analyze", "report"])
+    return run_monitor(config, stages=[Stage.analyze, Stage.report])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

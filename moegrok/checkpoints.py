@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from moegrok.config import CheckpointsConfig, ModelConfig
+from moegrok.errors import UserError
 
 OLMO_NAME = re.compile(r"^(?:stage\d+-)?step(?P<step>\d+)(?:-tokens(?P<tokens>\d+(?:\.\d+)?[MBT]))?$")
 EXPECTED_FORMS = (
@@ -27,7 +28,7 @@ EXPECTED_FORMS = (
 TOKEN_UNITS = {"M": 1e6, "B": 1e9, "T": 1e12}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names it."""
 
 
@@ -38,6 +39,12 @@ class CheckpointRef:
     tokens: float | None  # training tokens seen, if the name says
     uri: str  # local dir, HF repo id, or fsspec URL
     revision: str | None = None  # HF revision (branch / tag / commit)
+    content: str = ""  # a cheap key of the checkpoint's files (`content_key`); "" = not looked at
+
+    @property
+    def identity(self) -> tuple:
+        """What names the checkpoint, apart from its content."""
+        return (self.name, self.step, self.tokens, self.uri, self.revision)
 
     @property
     def kind(self) -> str:
@@ -122,15 +129,37 @@ def build_catalog(cfg: CheckpointsConfig) -> list[CheckpointRef]:
 
 
 def catalog_frame(refs: list[CheckpointRef]) -> pd.DataFrame:
-    return pd.DataFrame([asdict(r) for r in refs], columns=["name", "step", "tokens", "uri", "revision"])
+    return pd.DataFrame([asdict(r) for r in refs], columns=["name", "step", "tokens", "uri", "revision", "content"])
 
 
 def refs_from_frame(frame: pd.DataFrame) -> list[CheckpointRef]:
     return [
         CheckpointRef(r["name"], int(r["step"]), None if pd.isna(r["tokens"]) else float(r["tokens"]),
-                      r["uri"], None if pd.isna(r["revision"]) else r["revision"])
+                      r["uri"], None if pd.isna(r["revision"]) else r["revision"], r.get("content") or "")
         for r in frame.to_dict("records")
     ]
+
+
+def content_key(ref: CheckpointRef) -> str:
+    """A cheap key of a checkpoint's content, so that replacing its files in place re-runs what
+    depends on them: name, size and modification time of every file of a local dir; name, size and
+    modification time (or ETag) of the files at a URL; the revision of a hub checkpoint."""
+    if ref.kind == "hub":
+        return f"revision {ref.revision}"
+    if ref.kind == "local":
+        path = Path(ref.uri.removeprefix("file://"))
+        if not path.is_dir():
+            return "missing"
+        files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir())
+                 if f.is_file() and not f.name.startswith(".")]
+    else:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(ref.uri)
+        files = sorted((info["name"], info.get("size"), str(info.get("mtime") or info.get("LastModified")
+                                                           or info.get("ETag") or info.get("etag")))
+                       for info in fs.ls(root, detail=True) if info.get("type") == "file")
+    return hashlib.sha256(repr(files).encode()).hexdigest()[:32]
 
 
 # --------------------------------------------------------------------------- validation, loading

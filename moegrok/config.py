@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from moegrok.errors import UserError
+
 MISSING = "???"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value that cannot work; the message names the key."""
 
 
@@ -31,6 +33,13 @@ def as_plain(cfg: object) -> dict:
     import json
 
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_yaml(cfg: object) -> str:
+    """The resolved config as YAML (config.yaml, and the tags of every derived table)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def _choice(enum: type[StrEnum], value: object, key: str) -> StrEnum:
@@ -411,10 +420,12 @@ class ClusterConfig:
     num_cpus: int | None = None  # local Ray only
     num_gpus: int | None = None  # local Ray only
     sync_uri: str | None = None  # fsspec URL the run dir is copied to after each stage
+    connect_timeout_s: float = 30.0  # joining a cluster that does not answer by then is an error
 
     def __post_init__(self) -> None:
         _check(self.num_cpus is None or self.num_cpus >= 1, "cluster.num_cpus", self.num_cpus, ">= 1, or null")
         _check(self.num_gpus is None or self.num_gpus >= 0, "cluster.num_gpus", self.num_gpus, ">= 0, or null")
+        _check(self.connect_timeout_s > 0, "cluster.connect_timeout_s", self.connect_timeout_s, "> 0")
 
 
 @dataclass

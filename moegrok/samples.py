@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 
 from moegrok.config import SamplesConfig
+from moegrok.errors import UserError
 from moegrok.jsonl import InvalidJSON, jsonl_records
 
 
-class SampleError(ValueError):
+class SampleError(UserError):
     """A malformed sample source; the message names the file (and line)."""
 
 
@@ -40,11 +41,13 @@ def _check_record(record: object, where: str) -> dict:
         "text": record.get("text"),
         "prompt": record.get("prompt"),
         "completion": record.get("completion"),
+        "where": where,
     }
 
 
 def read_samples(path: str | Path, *, errors: list[str] | None = None) -> pd.DataFrame:
-    """Read one source into columns id, group, text, prompt, completion (None where absent).
+    """Read one source into columns id, group, text, prompt, completion (None where absent) and
+    where (file:line).
 
     A malformed record raises a SampleError naming file:line, or, when `errors` is a list, is
     skipped and its message appended there (a sweep records it and goes on)."""
@@ -72,7 +75,7 @@ def read_samples(path: str | Path, *, errors: list[str] | None = None) -> pd.Dat
     else:
         raise SampleError(f"{path}: unsupported sample format {path.suffix!r} (use .jsonl or .parquet)")
     records = [r for r in records if r is not None]
-    frame = pd.DataFrame.from_records(records, columns=["id", "group", "text", "prompt", "completion"])
+    frame = pd.DataFrame.from_records(records, columns=["id", "group", "text", "prompt", "completion", "where"])
     duplicated = frame["id"][frame["id"].duplicated()]
     if len(duplicated):
         raise SampleError(f"{path}: duplicate sample id {duplicated.iloc[0]!r}")
@@ -84,6 +87,9 @@ def select_samples(cfg: SamplesConfig, *, errors: list[str] | None = None) -> pd
     if not cfg.paths:
         raise SampleError("samples.paths is empty: give at least one jsonl/parquet sample file")
     frame = pd.concat([read_samples(p, errors=errors) for p in cfg.paths], ignore_index=True)
+    if frame.empty:
+        first = f"; first: {errors[0]}" if errors else ""
+        raise SampleError(f"samples.paths={cfg.paths}: no valid sample ({len(errors or [])} rejected{first})")
     duplicated = frame["id"][frame["id"].duplicated()]
     if len(duplicated):
         raise SampleError(f"sample id {duplicated.iloc[0]!r} appears in more than one of {cfg.paths}")
@@ -110,10 +116,13 @@ class TokenizedSample:
     num_prompt_tokens: int  # index of the first scored token (>= 1)
 
 
-def tokenize_samples(frame: pd.DataFrame, tokenizer, *, max_tokens: int) -> list[TokenizedSample]:
+def tokenize_samples(frame: pd.DataFrame, tokenizer, *, max_tokens: int,
+                     errors: list[str] | None = None) -> list[TokenizedSample]:
     """Tokenize with the tokenizer's special tokens; prompt and completion separately (as lm-eval
     does), so the completion's tokens are exactly the scored ones. Text longer than `max_tokens`
-    keeps its start; a prompt/completion keeps its end (the completion)."""
+    keeps its start; a prompt/completion keeps its end (the completion). A sample with fewer than
+    2 tokens (nothing to score) raises a SampleError, or, when `errors` is a list, is left out and
+    its message appended there."""
     out = []
     for row in frame.itertuples(index=False):
         if isinstance(row.text, str):
@@ -125,7 +134,12 @@ def tokenize_samples(frame: pd.DataFrame, tokenizer, *, max_tokens: int) -> list
             ids = (prompt + completion)[-max_tokens:]
             num_prompt = max(len(ids) - len(completion), 1)
         if len(ids) < 2:
-            raise SampleError(f"sample {row.id!r} has fewer than 2 tokens; nothing to score")
+            where = getattr(row, "where", None) or f"sample {row.id!r}"
+            error = SampleError(f"{where}: sample {row.id!r} has fewer than 2 tokens; nothing to score")
+            if errors is None:
+                raise error
+            errors.append(str(error))
+            continue
         out.append(TokenizedSample(row.id, row.group, np.asarray(ids, dtype=np.int64), num_prompt))
     return out
 

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from moegrok.config import TuneConfig
+from moegrok.errors import UserError
 from moegrok.jsonl import InvalidJSON, jsonl_records
 from moegrok.store import atomic_path
 
 
-class InstructionError(ValueError):
+class InstructionError(UserError):
     """A malformed instruction file; the message names file:line."""
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from moegrok.errors import UserError
 from moegrok.jsonl import InvalidJSON, jsonl_records
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 KINDS = ("exact", "choice", "code")
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError):
     """A malformed benchmark; the message names the file (and line)."""
 
 
@@ -64,14 +65,24 @@ def _item(record: object, where: str) -> Item:
     return item
 
 
-def load_jsonl(path: Path) -> list[Item]:
-    return [_item(record, where) for where, record in jsonl_records(path)]
+def load_jsonl(path: Path, *, errors: list[str] | None = None) -> list[Item]:
+    """Items of a moegrok jsonl file. A malformed line raises a BenchmarkError naming file:line, or,
+    when `errors` is a list, is left out and its message appended there."""
+    items = []
+    for where, record in jsonl_records(path):
+        try:
+            items.append(_item(record, where))
+        except BenchmarkError as e:
+            if errors is None:
+                raise
+            errors.append(str(e))
+    return items
 
 
-def load_benchmark(path: str | Path, *, group_field: str | None = None,
-                   id_field: str = "id") -> list[Item] | list[LmEvalItem]:
+def load_benchmark(path: str | Path, *, group_field: str | None = None, id_field: str = "id",
+                   errors: list[str] | None = None) -> list[Item] | list[LmEvalItem]:
     """Items of a jsonl file or an lm-eval task YAML (`group_field`, `id_field`: lm-eval only,
-    the document fields that name an item's group and id)."""
+    the document fields that name an item's group and id; `errors`: see `load_jsonl`)."""
     path = Path(path)
     if not path.exists():
         raise BenchmarkError(f"{path}: no such benchmark file")
@@ -80,7 +91,7 @@ def load_benchmark(path: str | Path, *, group_field: str | None = None,
 
         items = load_lm_eval_task(path, group_field=group_field, id_field=id_field)
     elif path.suffix in (".jsonl", ".json"):
-        items = load_jsonl(path)
+        items = load_jsonl(path, errors=errors)
     else:
         raise BenchmarkError(f"{path}: unsupported benchmark format {path.suffix!r} (jsonl or lm-eval YAML)")
     ids = [item.id for item in items]

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import OlmoeForCausalLM, PreTrainedTokenizerFast
 
-from moegrok.config import PretrainToyConfig, Schedule, ToyTrainConfig, as_plain
+from moegrok.config import ConfigError, PretrainToyConfig, Schedule, ToyTrainConfig, as_plain
 from moegrok.live import LiveMonitor
 from moegrok.samples import tokenize_samples
 from moegrok.store import atomic_path, write_parquet
@@ -141,10 +141,8 @@ def _write_zoo_files(cfg: PretrainToyConfig, out: Path, examples: pd.DataFrame) 
     config_text = yaml.safe_dump(as_plain(cfg), sort_keys=False)
     zoo_yaml = out / "zoo.yaml"
     if zoo_yaml.exists() and zoo_yaml.read_text() != config_text:
-        raise ValueError(
-            f"{out} holds a zoo trained with another config ({zoo_yaml}); "
-            "choose another out_dir or delete it"
-        )
+        raise ConfigError(f"out_dir={str(out)!r} holds a zoo trained with another config ({zoo_yaml}); "
+                          "choose another out_dir or delete it")
     out.mkdir(parents=True, exist_ok=True)
     zoo_yaml.write_text(config_text)
     train = examples[examples["split"] == "train"]
