@@ -13,16 +13,29 @@ from matplotlib.figure import Figure
 
 from moegrok.analysis import asynchronous_groups, join_accuracy
 from moegrok.pages import page, png, table
-from moegrok.store import RunDir
+from moegrok.store import RunDir, read_tags
 
 # Paper Table 1 (Pearson/Spearman with test accuracy after the sustained rise)
 PAPER_VALUES = {"pathway_distance": "-0.93 .. -0.98", "consistency": "+0.92 .. +0.99", "loss_mean": "-0.07 .. +0.79"}
 CURVE_METRICS = ["pathway_distance", "pathway_distance_answer", "mean_cos", "consistency", "med", "loss_mean"]
 SUMMARY_WINDOW = "post_memorization"
+REPORT_VERSION = 2  # part of the report's fingerprint: raise it when the page changes
 
 
 def _read(path: Path) -> pd.DataFrame | None:
-    return pd.read_parquet(path) if path.exists() else None
+    """A stored table; None when it is missing or has no rows (a stage that did not run or
+    produced nothing)."""
+    if not path.exists():
+        return None
+    frame = pd.read_parquet(path)
+    return frame if len(frame) else None
+
+
+MISSING = {  # what a missing table means, and what to do
+    "metrics": "no metrics.parquet: run the record and reduce stages (stage=record, stage=reduce)",
+    "accuracy": "no accuracy: evaluation is off, or no benchmark item could be scored (see Failures)",
+    "correlations": "no correlations or onsets: the analyze stage needs metrics and accuracy",
+}
 
 
 def _curves_figure(group: str, curve: pd.DataFrame, onset_row: pd.Series | None, metrics: list[str]):
@@ -100,7 +113,7 @@ def _routing_section(run: RunDir, onsets: pd.DataFrame | None) -> list[str]:
     fig.tight_layout()
     parts.append(png(fig, run.figures / "routing_vs_step.png"))
     coactivation = _read(run.coactivation)
-    if coactivation is not None and len(coactivation):
+    if coactivation is not None:
         shown = sorted({0, coactivation["layer"].max() // 2, coactivation["layer"].max()})
         fig = Figure(figsize=(3.6 * len(shown), 3.2))
         axes = fig.subplots(1, len(shown), squeeze=False)
@@ -115,7 +128,7 @@ def _routing_section(run: RunDir, onsets: pd.DataFrame | None) -> list[str]:
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
         parts.append(png(fig, run.figures / "coactivation.png"))
     specialization = _read(run.domain_specialization)
-    if specialization is not None and len(specialization):
+    if specialization is not None:
         groups = specialization[specialization["group"] != "*"]
         last_layer = groups["layer"].max()
         fig = Figure(figsize=(8, 3))
@@ -175,16 +188,22 @@ def write_report(run_dir: str | Path) -> Path:
     run = RunDir(run_dir)
     metrics, accuracy = _read(run.metrics), _read(run.accuracy)
     correlations, onsets, failures = _read(run.correlations), _read(run.onsets), _read(run.failures)
-    config_text = run.config.read_text() if run.config.exists() else ""
+    # the config the tables were computed with (config.yaml is the last invocation's)
+    config_text = read_tags(run.metrics).get("config") or (run.config.read_text() if run.config.exists() else "")
     config = yaml.safe_load(config_text) if config_text else {}
     parts = [f"<h1>moegrok report</h1><p>run directory <code>{html.escape(str(run.root.resolve()))}</code></p>"]
+    missing = [MISSING[name] for name, frame in (("metrics", metrics), ("accuracy", accuracy),
+                                                  ("correlations", correlations)) if frame is None]
+    if missing:
+        parts.append("<h2>Not in this report</h2><ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in missing)
+                     + "</ul>")
 
-    if onsets is not None and len(onsets):
+    if onsets is not None:
         parts.append("<h2>Memorization and generalization per group</h2>")
         parts.append(table(onsets))
         parts.append(f"<p>Groups generalize asynchronously: <b>{'yes' if asynchronous_groups(onsets) else 'no'}</b> "
                      "(distinct half-rise steps).</p>")
-    if correlations is not None and len(correlations):
+    if correlations is not None:
         lines = verdicts(correlations, onsets)
         parts.append("<h2>Verdict</h2><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in lines)
                      + "</ul><p>* in the table below: beats both trivial baselines (step, training loss) on the "
@@ -199,7 +218,7 @@ def write_report(run_dir: str | Path) -> Path:
             joined = join_accuracy(metrics, accuracy, sample_set=sample_set, group_map=group_map)
         else:  # no evaluation: metric curves alone
             joined = metrics[metrics["sample_set"] == sample_set].assign(benchmark="none", accuracy=np.nan)
-        correlations = correlations if correlations is not None else pd.DataFrame(
+        scatter_correlations = correlations if correlations is not None else pd.DataFrame(
             columns=["group", "benchmark", "metric", "window", "spearman"])
         curve_metrics = [m for m in CURVE_METRICS if m in joined and joined[m].notna().any()]
         parts.append(f"<h2>Curves per group</h2><p>sample set: {html.escape(sample_set)}</p>")
@@ -217,7 +236,8 @@ def write_report(run_dir: str | Path) -> Path:
                               figure_dir / f"curves_{group}_{benchmark}.png"))
             if not curve_metrics:
                 continue
-            group_corr = correlations[(correlations["group"] == group) & (correlations["benchmark"] == benchmark)]
+            group_corr = scatter_correlations[(scatter_correlations["group"] == group)
+                                              & (scatter_correlations["benchmark"] == benchmark)]
             parts.append(png(_scatter_figure(group, curve, group_corr, curve_metrics),
                               figure_dir / f"scatter_{group}_{benchmark}.png"))
     train_log_path = Path((config.get("checkpoints") or {}).get("dir") or "__none__") / "train_log.parquet"
@@ -228,7 +248,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     parts += _routing_section(run, onsets)
 
-    if correlations is not None and len(correlations):
+    if correlations is not None:
         shown = correlations.copy()
         shown["paper"] = shown["metric"].map(PAPER_VALUES).fillna("")
         columns = ["group", "benchmark", "window", "metric", "n", "spearman", "spearman_p", "pearson",
@@ -238,9 +258,7 @@ def write_report(run_dir: str | Path) -> Path:
                      "<code>loss_mean</code> (training loss). Paper values: Table 1 of arXiv 2506.21551, "
                      "after the sustained rise.</p>")
         parts.append(table(shown[columns]))
-    if correlations is not None and len(correlations) == 0:
-        parts.append("<p>No correlations: evaluation was off or too few checkpoints.</p>")
-    parts.append("<h2>Failures</h2>" + (table(failures) if failures is not None and len(failures) else "<p>none</p>"))
+    parts.append("<h2>Failures</h2>" + (table(failures) if failures is not None else "<p>none</p>"))
     parts.append(f"<h2>Config</h2><pre>{html.escape(config_text)}</pre>")
 
     run.report.write_text(page("moegrok report", parts))

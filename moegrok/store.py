@@ -8,10 +8,12 @@ the fingerprint of everything that determined it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import traceback
 from collections.abc import Iterator
@@ -21,6 +23,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from moegrok.errors import UserError
 
 # --------------------------------------------------------------------------- atomic writes
 
@@ -69,15 +73,25 @@ def _plain_type(dtype: pa.DataType) -> pa.DataType:
     return dtype
 
 
-def write_parquet(table: pa.Table | pd.DataFrame, path: str | Path) -> None:
+def write_parquet(table: pa.Table | pd.DataFrame, path: str | Path, *, tags: dict | None = None) -> None:
     """Write a Parquet file atomically. A DataFrame is stored with plain Arrow types (no
     pandas-specific metadata, string not large_string), so a table reads the same whichever
-    pandas wrote it."""
+    pandas wrote it. `tags` (JSON) go into the schema metadata under "moegrok" (`read_tags`)."""
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False).replace_schema_metadata(None)
         table = table.cast(pa.schema([field.with_type(_plain_type(field.type)) for field in table.schema]))
+    if tags is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"moegrok": json.dumps(tags)})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def read_tags(path: str | Path) -> dict:
+    """The "moegrok" tags of a table written by `write_parquet` ({} if none, or no table)."""
+    if not Path(path).exists():
+        return {}
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata.get(b"moegrok", b"{}"))
 
 
 # --------------------------------------------------------------------------- completion markers
@@ -95,16 +109,42 @@ def done_marker(path: Path) -> Path:
     return path.parent / f".{path.name}.done"
 
 
-def is_done(path: Path, fingerprint: str) -> bool:
-    """A unit is done when its output exists and its marker holds the same fingerprint."""
+def _marker(path: Path) -> dict | None:
+    """The marker of a finished unit: {"fingerprint", "inputs": name -> short hash}; None if the
+    output or its marker is missing."""
     marker = done_marker(path)
-    return Path(path).exists() and marker.exists() and marker.read_text() == fingerprint
+    if not (Path(path).exists() and marker.exists()):
+        return None
+    text = marker.read_text()
+    try:
+        return json.loads(text)
+    except ValueError:  # a marker of an older layout: a bare fingerprint
+        return {"fingerprint": text, "inputs": {}}
 
 
 def done_fingerprint(path: Path) -> str | None:
     """The fingerprint a finished unit was computed with (None: not finished)."""
-    marker = done_marker(path)
-    return marker.read_text() if Path(path).exists() and marker.exists() else None
+    marker = _marker(path)
+    return None if marker is None else marker["fingerprint"]
+
+
+def is_done(path: Path, fingerprint: str) -> bool:
+    """A unit is done when its output exists and its marker holds the same fingerprint."""
+    return done_fingerprint(path) == fingerprint
+
+
+def input_hashes(inputs: dict[str, object]) -> dict[str, str]:
+    return {name: fingerprint(value)[:16] for name, value in inputs.items()}
+
+
+def changed_inputs(path: Path, inputs: dict[str, object]) -> list[str]:
+    """Why a unit is not current: the names of the inputs that differ from the ones its output was
+    computed with, or ["new"] when there is no finished output."""
+    marker = _marker(path)
+    if marker is None:
+        return ["new"]
+    before, now = marker.get("inputs", {}), input_hashes(inputs)
+    return sorted(name for name in before.keys() | now.keys() if before.get(name) != now.get(name)) or ["format"]
 
 
 def invalidate(path: Path) -> None:
@@ -113,8 +153,9 @@ def invalidate(path: Path) -> None:
     done_marker(path).unlink(missing_ok=True)
 
 
-def mark_done(path: Path, fingerprint: str) -> None:
-    write_text(fingerprint, done_marker(path))
+def mark_done(path: Path, inputs: dict[str, object]) -> None:
+    """Mark `path` as computed from `inputs` (named, so a later run can say what changed)."""
+    write_text(json.dumps({"fingerprint": fingerprint(inputs), "inputs": input_hashes(inputs)}), done_marker(path))
 
 
 # --------------------------------------------------------------------------- failures
@@ -155,6 +196,30 @@ follows when the record config keeps token ids (vocabulary specialization needs 
 
 
 # --------------------------------------------------------------------------- run directory
+
+
+@contextmanager
+def run_lock(root: Path) -> Iterator[None]:
+    """Hold a run directory for one sweep: a second sweep started on it stops at once, naming the
+    first (the lock goes with the process, also when it is killed)."""
+    with open(Path(root) / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise UserError(f"run dir {root} is in use by another sweep ({holder}); wait for it to finish or "
+                            "choose another run_dir") from None
+        lock.seek(0)
+        lock.truncate()
+        since = pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%d %H:%M:%S UTC")
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {since}")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
 
 
 class RunDir:

@@ -4,10 +4,36 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import tempfile
+from pathlib import Path
 
 import ray
 
 from moegrok.config import ClusterConfig
+from moegrok.errors import UserError
+from moegrok.pipeline.reaper import start_reaper
+
+
+def check_reachable(address: str, *, timeout_s: float) -> str:
+    """The host:port that `address` ("auto", "host:port" or "ray://host:port") names, once a TCP
+    connection to it succeeds within `timeout_s`; else a UserError in one line (Ray itself would
+    retry a dead address without end)."""
+    resolved = address
+    if address == "auto":
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        resolved = os.environ.get("RAY_ADDRESS") or (current.read_text().strip() if current.exists() else "")
+        if not resolved:
+            raise UserError("cluster.address=auto: no running Ray cluster found (RAY_ADDRESS is unset and no "
+                            "cluster was started on this machine); start one (`ray start --head`, `ray up "
+                            "cluster.yaml`) or set cluster.address=host:port")
+    host, _, port = resolved.split("://")[-1].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise UserError(f"cluster.address={address!r}: no Ray cluster answers at {resolved} within "
+                        f"{timeout_s:g} s ({e})") from None
+    return resolved
 
 
 def init_ray(cfg: ClusterConfig) -> None:
@@ -18,10 +44,12 @@ def init_ray(cfg: ClusterConfig) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     logging.getLogger("ray").setLevel(logging.WARNING)
     if cfg.address:
+        check_reachable(cfg.address, timeout_s=cfg.connect_timeout_s)
         ray.init(address=cfg.address, log_to_driver=True)
     else:  # "local": a new instance of our own, never whatever cluster last ran on this machine
         ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False,
                  log_to_driver=True)
+        start_reaper()  # nothing of it outlives this process, also when it is killed
 
 
 def cluster_has_gpus() -> bool:

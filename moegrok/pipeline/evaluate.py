@@ -11,10 +11,10 @@ import torch
 
 from moegrok.checkpoints import CheckpointRef, check_local_dir, local_path, resolve_dtype
 from moegrok.config import Engine, MonitorConfig
-from moegrok.evaluation.benchmarks import Item, content_digest, load_benchmark
+from moegrok.evaluation.benchmarks import BenchmarkError, Item, content_digest, load_benchmark
 from moegrok.evaluation.engines import HFEngine, VLLMEngine
 from moegrok.evaluation.scoring import SCORING_VERSION, accuracy_rows, score_items
-from moegrok.pipeline.cluster import actor_options
+from moegrok.pipeline.cluster import actor_options, init_ray
 from moegrok.pipeline.runner import ActorPool, StageResult, Unit, UnitWorker, run_stage
 from moegrok.pipeline.tune import TUNED_SUFFIX
 from moegrok.store import RunDir, done_fingerprint, error_fields, failure_row, fingerprint, write_parquet
@@ -54,14 +54,20 @@ class EvalWorker(UnitWorker):
 
 
 def load_benchmarks(cfg: MonitorConfig) -> tuple[dict[str, list[Item]], dict[str, str], list[dict]]:
-    """Benchmarks by name (subsampled to eval.max_items), their content hashes, load failures."""
+    """Benchmarks by name (subsampled to eval.max_items), their content hashes, and failure rows:
+    a malformed item (named file:line) is left out, a benchmark that cannot load at all is one row."""
     benchmarks, hashes, failures = {}, {}, []
     for bench in cfg.eval.benchmarks:
+        errors: list[str] = []
         try:
-            items = load_benchmark(bench.path, group_field=bench.group_field, id_field=bench.id_field)
+            items = load_benchmark(bench.path, group_field=bench.group_field, id_field=bench.id_field,
+                                   errors=errors)
         except Exception as e:
             failures.append(failure_row("evaluate", f"benchmark {bench.name} ({bench.path})", **error_fields(e)))
             continue
+        finally:
+            failures += [failure_row("evaluate", error.split(": ", 1)[0], BenchmarkError.__name__, error)
+                         for error in errors]
         if cfg.eval.max_items and len(items) > cfg.eval.max_items:
             keep = np.sort(np.random.default_rng(0).choice(len(items), cfg.eval.max_items, replace=False))
             items = [items[i] for i in keep]
@@ -72,16 +78,22 @@ def load_benchmarks(cfg: MonitorConfig) -> tuple[dict[str, list[Item]], dict[str
 
 def evaluate_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
     benchmarks, hashes, load_failures = load_benchmarks(cfg)
-    settings = (cfg.eval.engine, cfg.eval.max_new_tokens, cfg.eval.max_items, cfg.eval.code_timeout_s, cfg.model.dtype,
-                SCORING_VERSION)
+    settings = {f"eval.{key}": getattr(cfg.eval, key) for key in (
+        "engine", "max_new_tokens", "max_items", "code_timeout_s")}
+    settings |= {"model.dtype": cfg.model.dtype, "scoring version": SCORING_VERSION}
     units = [Unit(f"{ref.name}/{name}", ref.name, run.eval_items(ref.name, name),
-                  fingerprint(ref, hashes[name], settings), payload={"ref": ref, "benchmark": name})
+                  {"checkpoint": ref.identity, "checkpoint content": ref.content, "benchmark": hashes[name],
+                   **settings}, payload={"ref": ref, "benchmark": name})
              for ref in refs for name in benchmarks]
-    gpus_per_engine = cfg.eval.tensor_parallel_size if cfg.eval.engine != Engine.hf else 1
-    options = actor_options(cfg.eval.num_gpus, cfg.eval.num_cpus, auto_gpus=gpus_per_engine)
-    pool = ActorPool(EvalWorker, cfg, ray.put(benchmarks), options=options, num_actors=cfg.eval.num_actors,
-                     max_retries=cfg.eval.max_retries)
-    result = run_stage("evaluate", units, pool, progress=cfg.progress)
+
+    def executor(todo: list[Unit]) -> ActorPool:
+        init_ray(cfg.cluster)
+        gpus_per_engine = cfg.eval.tensor_parallel_size if cfg.eval.engine != Engine.hf else 1
+        options = actor_options(cfg.eval.num_gpus, cfg.eval.num_cpus, auto_gpus=gpus_per_engine)
+        return ActorPool(EvalWorker, cfg, ray.put(benchmarks), options=options, num_actors=cfg.eval.num_actors,
+                         max_retries=cfg.eval.max_retries)
+
+    result = run_stage("evaluate", units, executor, progress=cfg.progress)
     _, item_failures = write_accuracy(run, refs, list(benchmarks))
     result.failures = load_failures + result.failures + item_failures
     return result
@@ -91,11 +103,12 @@ def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str]) -> 
     """accuracy.parquet: checkpoint, step, benchmark, group, accuracy, accuracy_norm, n, num_errors, tuned,
     base_checkpoint (a tuned checkpoint `<name>+tuned` belongs to `<name>`); and a failure row for
     every stored item that has no score, named checkpoint/benchmark/item id."""
-    frames, failures = [], []
+    frames, failures, prints = [], [], []
     for ref in refs:
         for name in names:
             path = run.eval_items(ref.name, name)
-            if done_fingerprint(path) is not None:
+            if (print_ := done_fingerprint(path)) is not None:
+                prints.append(print_)
                 scored = pq.read_table(path).to_pandas()
                 failures += [failure_row("evaluate", f"{ref.name}/{name}/{item_id}", "ItemError", error)
                              for item_id, error in zip(scored["id"], scored["error"], strict=True)
@@ -106,5 +119,5 @@ def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str]) -> 
     columns = ["checkpoint", "step", "benchmark", "group", "accuracy", "accuracy_norm", "n", "num_errors", "tuned",
                "base_checkpoint"]
     accuracy = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
-    write_parquet(accuracy, run.accuracy)
+    write_parquet(accuracy, run.accuracy, tags={"evaluate": fingerprint(sorted(prints))})
     return accuracy, failures

@@ -9,7 +9,7 @@ from safetensors.torch import save
 
 from moegrok.checkpoints import CheckpointRef, load_checkpoint
 from moegrok.config import MonitorConfig
-from moegrok.pipeline.cluster import actor_options
+from moegrok.pipeline.cluster import actor_options, init_ray
 from moegrok.pipeline.runner import ActorPool, StageResult, Unit, UnitWorker, run_stage
 from moegrok.routing import RoutingRecorder, input_embeddings, router_weights
 from moegrok.samples import TokenizedSample
@@ -66,20 +66,29 @@ def tokens_fingerprint(shard: list[TokenizedSample]) -> str:
 
 def record_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef],
                  shards: list[list[TokenizedSample]]) -> StageResult:
-    """Record every (checkpoint, shard) unit not already done under the same fingerprint. Shard 0
-    of a checkpoint also writes its weights file."""
-    settings = (cfg.model.dtype, cfg.model.attn_implementation, cfg.model.experts_implementation,
-                cfg.model.trust_remote_code, cfg.model.residue_tokens, cfg.record.keep_input_ids)
+    """Record every (checkpoint, shard) unit not already done with the same inputs. Shard 0 of a
+    checkpoint also writes its weights file."""
+    settings = {f"model.{key}": getattr(cfg.model, key) for key in (
+        "dtype", "attn_implementation", "experts_implementation", "trust_remote_code", "residue_tokens")}
+    settings["record.keep_input_ids"] = cfg.record.keep_input_ids
     shard_prints = [tokens_fingerprint(shard) for shard in shards]
-    shard_refs = [ray.put(shard) for shard in shards]
     units = []
     for ref in refs:
         if not run.checkpoint_weights(ref.name).exists():
             invalidate(run.routing_shard(ref.name, 0))
         units += [Unit(f"{ref.name}/shard{index:05d}", ref.name, run.routing_shard(ref.name, index),
-                       fingerprint(ref, shard_prints[index], settings),
-                       payload={"ref": ref, "samples": shard_refs[index], "with_weights": index == 0})
-                  for index in range(len(shards))]
-    pool = ActorPool(RecordWorker, cfg, str(run.root), options=actor_options(cfg.record.num_gpus, cfg.record.num_cpus),
-                     num_actors=cfg.record.num_actors, max_retries=cfg.record.max_retries)
-    return run_stage("record", units, pool, progress=cfg.progress)
+                       {"checkpoint": ref.identity, "checkpoint content": ref.content,
+                        "samples": shard_prints[index], **settings},
+                       payload={"ref": ref, "shard": index, "with_weights": index == 0})
+                  for index in range(len(shards)) if shards[index]]
+
+    def executor(todo: list[Unit]) -> ActorPool:
+        init_ray(cfg.cluster)
+        shard_refs = {index: ray.put(shards[index]) for index in sorted({u.payload["shard"] for u in todo})}
+        for unit in todo:
+            unit.payload["samples"] = shard_refs[unit.payload["shard"]]
+        return ActorPool(RecordWorker, cfg, str(run.root), num_actors=cfg.record.num_actors,
+                         options=actor_options(cfg.record.num_gpus, cfg.record.num_cpus),
+                         max_retries=cfg.record.max_retries)
+
+    return run_stage("record", units, executor, progress=cfg.progress)

@@ -7,10 +7,9 @@ Units, each computed and written by a Ray worker and skipped when current:
   memorized-since steps (the paper's loss rule needs all checkpoints), memorized.parquet;
 * metrics (checkpoint x sample set): one checkpoint's features -> a row per group
   (parts/metrics/<ckpt>/<sample set>.parquet), the embedding measure (MED) beside;
-* analyses (checkpoint): its routing shards, and the reference checkpoint's for saturation ->
-  per-layer routing analyses (parts/analyses/<ckpt>.parquet).
+* analyses (checkpoint): see analyses.py.
 Routing is partitioned by checkpoint on disk, so a checkpoint's unit reads exactly its rows:
-no shuffle. The driver only assembles the small per-checkpoint parts into metrics.parquet and
+no shuffle. The driver only publishes the small per-checkpoint parts as metrics.parquet and
 routing_analyses.parquet; it never holds routing or per-sample rows.
 """
 
@@ -27,24 +26,14 @@ import ray
 from safetensors.numpy import load_file
 
 from moegrok.checkpoints import CheckpointRef
-from moegrok.config import MemorizationConfig, MonitorConfig, SampleSet, as_plain
+from moegrok.config import MemorizationConfig, MonitorConfig, SampleSet, as_plain, config_yaml
 from moegrok.embedding import main_embedding_diff
 from moegrok.memorization import select_memorized
 from moegrok.metrics_table import checkpoint_features, set_row
-from moegrok.pathways import routing_shape
+from moegrok.pipeline import analyses
+from moegrok.pipeline.cluster import init_ray
 from moegrok.pipeline.runner import StageResult, TaskPool, Unit, run_stage
-from moegrok.routing_analyses import (
-    coactivation,
-    domain_specialization,
-    finalize_statistics,
-    merge_statistics,
-    shard_statistics,
-)
-from moegrok.store import RunDir, done_fingerprint, fingerprint, mark_done, write_parquet
-
-ANALYSIS_COLUMNS = {"saturation": "router_saturation", "top1_agreement": "top1_agreement",
-                    "domain_specialization_max": "domain_specialization", "load_entropy": "load_entropy",
-                    "vocab_specialization": "vocab_specialization"}
+from moegrok.store import RunDir, done_fingerprint, failure_row, fingerprint, read_tags, write_parquet
 
 
 @functools.lru_cache(maxsize=8)
@@ -70,7 +59,7 @@ def compute_metrics(unit: Unit, *, positions: list[str], max_pairs: int, seed: i
     features = features.sort_values("sample_id", ignore_index=True)
     ref: CheckpointRef = unit.payload["ref"]
     if unit.payload["sample_set"] == SampleSet.memorized:
-        memorized = pd.read_parquet(unit.payload["memorized"], columns=["sample_id", "memorized_since"])
+        memorized = pq.read_table(unit.payload["memorized"], columns=["sample_id", "memorized_since"]).to_pandas()
         members = set(memorized.loc[memorized["memorized_since"] <= ref.step, "sample_id"])
         features = features[features["sample_id"].isin(members)]
     rows = [set_row(members, checkpoint=ref.name, step=ref.step, group=group, sample_set=unit.payload["sample_set"],
@@ -97,55 +86,22 @@ def compute_memorized(unit: Unit, *, memo: MemorizationConfig) -> dict:
     return {"rows": len(memorized)}
 
 
-def compute_analyses(unit: Unit, *, vocab_min_count: int) -> dict:
-    """Per-layer routing analyses of one checkpoint; the reference checkpoint's unit also writes
-    the co-activation and domain-specialization parts."""
-    ref: CheckpointRef = unit.payload["ref"]
-    is_reference = unit.payload["is_reference"]
-    per_group: dict[str, list] = {}
-    num_layers = num_experts = top_k = 0
-    for path, reference_path in unit.payload["shards"]:
-        table = pq.read_table(path)
-        num_layers, num_experts, top_k = routing_shape(table)
-        reference = pq.read_table(reference_path) if reference_path else None
-        stats = shard_statistics(table, reference, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
-                                 with_coactivation=is_reference)
-        for group, group_stats in stats.items():
-            per_group.setdefault(group, []).append(group_stats)
-    layer_rows, specialization_rows, coactivation_rows = [], [], []
-    for group in sorted(per_group):
-        merged = merge_statistics(per_group[group])
-        final = finalize_statistics(merged, num_experts=num_experts, top_k=top_k, min_count=vocab_min_count)
-        layer_rows += [{"checkpoint": ref.name, "step": ref.step, "group": group, "layer": layer,
-                        **{k: float(v[layer]) for k, v in final.items()}} for layer in range(num_layers)]
-        if is_reference:
-            ratio_LE = domain_specialization(merged, top_k=top_k)
-            specialization_rows += [{"checkpoint": ref.name, "group": group, "layer": layer, "expert": expert,
-                                     "ratio": float(ratio_LE[layer, expert])}
-                                    for layer in range(num_layers) for expert in range(num_experts)]
-            if "coactivation" in merged:
-                both_LEE, adjacent_LEE = coactivation(merged), coactivation(merged, adjacent=True)
-                coactivation_rows += [{"checkpoint": ref.name, "layer": layer, "expert_a": a, "expert_b": b,
-                                       "probability": float(both_LEE[layer, a, b]),
-                                       "probability_adjacent": float(adjacent_LEE[layer, a, b])}
-                                      for layer in range(num_layers) for a in range(num_experts)
-                                      for b in range(num_experts)]
-    if is_reference:
-        write_parquet(pd.DataFrame(specialization_rows), unit.payload["specialization"])
-        write_parquet(pd.DataFrame(coactivation_rows), unit.payload["coactivation"])
-    write_parquet(pd.DataFrame(layer_rows), unit.output)
-    return {"rows": len(layer_rows)}
-
-
 # --------------------------------------------------------------------------- the stage (driver)
-
-
-def _parts(run: RunDir) -> Path:
-    return run.root / "parts"
 
 
 def features_path(run: RunDir, checkpoint: str, shard: int) -> Path:
     return run.sample_metrics / checkpoint / f"shard{shard:05d}.parquet"
+
+
+def _tasks(cfg: MonitorConfig):
+    """Executor factory: the compute function on Ray tasks, one CPU each (Ray starts on first use)."""
+    def executor(compute):
+        def make(todo: list[Unit]) -> TaskPool:
+            init_ray(cfg.cluster)
+            return TaskPool(compute, options={"num_cpus": 1}, max_in_flight=int(ray.cluster_resources()["CPU"]),
+                            max_retries=cfg.record.max_retries)
+        return make
+    return executor
 
 
 def _combine(stage: str, results: list[StageResult]) -> StageResult:
@@ -155,78 +111,78 @@ def _combine(stage: str, results: list[StageResult]) -> StageResult:
         combined.skipped += result.skipped
         combined.done += result.done
         combined.failures += result.failures
-        combined.seconds += result.seconds
     return combined
 
 
 def reduce_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef], num_shards: int) -> StageResult:
     metrics_cfg = cfg.metrics
     positions = [str(p) for p in metrics_cfg.positions]
-    routing = {(ref.name, index): (ref, run.routing_shard(ref.name, index)) for ref in refs
-               for index in range(num_shards)}
-    recorded = {key: (ref, path, done_fingerprint(path)) for key, (ref, path) in routing.items()}
-    recorded = {key: value for key, value in recorded.items() if value[2] is not None}
+    parts = run.root / "parts"
+    recorded = {}  # (checkpoint, shard) -> (routing file, its fingerprint), recorded units only
+    for ref in refs:
+        for index in range(num_shards):
+            path = run.routing_shard(ref.name, index)
+            if (print_ := done_fingerprint(path)) is not None:
+                recorded[ref.name, index] = (path, print_)
     if not recorded:
-        raise RuntimeError(f"no recorded routing in {run.root / 'routing'}: run the record stage first")
-    pool = functools.partial(TaskPool, options={"num_cpus": 1}, max_in_flight=int(ray.cluster_resources()["CPU"]),
-                             max_retries=cfg.record.max_retries)
+        return StageResult("reduce", failures=[failure_row(
+            "reduce", "*", "NothingToReduce", f"no recorded routing in {run.root / 'routing'}: the record stage "
+            "has not run, or every unit of it failed (see its failure rows)")])
+    tasks = _tasks(cfg)
 
     feature_units = [
         Unit(f"{name}/shard{index:05d}", name, features_path(run, name, index),
-             fingerprint(routing_print, metrics_cfg.threshold, positions),
+             {"routing": routing_print, "metrics.threshold": metrics_cfg.threshold, "metrics.positions": positions},
              payload={"routing": str(path), "weights": str(run.checkpoint_weights(name))})
-        for (name, index), (ref, path, routing_print) in recorded.items()]
-    features_of = functools.partial(compute_features, threshold=metrics_cfg.threshold, positions=positions)
-    results = [run_stage("reduce features", feature_units, pool(features_of), progress=cfg.progress)]
-    features = {}  # checkpoint -> fingerprints and paths of its features, when every recorded shard has them
+        for (name, index), (path, routing_print) in recorded.items()]
+    results = [run_stage("reduce features", feature_units, tasks(functools.partial(
+        compute_features, threshold=metrics_cfg.threshold, positions=positions)), progress=cfg.progress)]
+    features: dict[str, list[Unit]] = {}  # checkpoint -> its feature units, when every recorded shard has them
     for unit in feature_units:
-        features.setdefault(unit.checkpoint, []).append((done_fingerprint(unit.output), unit.output))
-    features = {name: parts for name, parts in features.items() if all(fp for fp, _ in parts)}
+        features.setdefault(unit.checkpoint, []).append(unit)
+    features = {name: units for name, units in features.items()
+                if all(done_fingerprint(u.output) == u.fingerprint for u in units)}
 
     memo = metrics_cfg.memorization
     groups = sorted(set(pd.read_parquet(run.samples, columns=["group"])["group"]))
-    all_prints = sorted(fp for parts in features.values() for fp, _ in parts)
-    feature_files = [str(path) for parts in features.values() for _, path in parts]
-    memorized_units = [Unit(f"memorized/{group}", "*", _parts(run) / "memorized" / f"group{index:04d}.parquet",
-                            fingerprint(all_prints, group, as_plain(memo)),
-                            payload={"group": group, "features": feature_files})
+    every_feature = [u for units in features.values() for u in units]
+    memorized_units = [Unit(f"memorized/{group}", "*", parts / "memorized" / f"group{index:04d}.parquet",
+                            {"features": sorted(u.fingerprint for u in every_feature), "group": group,
+                             "metrics.memorization": as_plain(memo)},
+                            payload={"group": group, "features": [str(u.output) for u in every_feature]})
                        for index, group in enumerate(groups)]
     results.append(run_stage("reduce memorized", memorized_units,
-                             pool(functools.partial(compute_memorized, memo=memo)), progress=False))
-    memorized = _assemble_memorized(run, memorized_units)
-    sample_sets = list(SampleSet) if memorized is not None else [SampleSet.all]
-    if memorized is None:  # no memorized set: metrics of all samples only
-        memorized = pd.DataFrame({"sample_id": [], "group": [], "eps": [], "memorized_since": []})
+                             tasks(functools.partial(compute_memorized, memo=memo)), progress=False))
+    memorized = _finished(memorized_units)
+    if len(memorized) < len(memorized_units):  # no memorized set: metrics of all samples only
+        memorized, sample_sets = pd.DataFrame({"sample_id": [], "group": [], "memorized_since": []}), [SampleSet.all]
+    else:
+        memorized, sample_sets = pd.concat(memorized, ignore_index=True), list(SampleSet)
     memorized_prints = _memorized_prints(memorized, [ref.step for ref in refs])
 
-    settings = (positions, metrics_cfg.max_pairs, metrics_cfg.seed)
-    metric_units = []
-    for ref in refs:
-        if ref.name not in features:
-            continue
-        weights = run.checkpoint_weights(ref.name)
-        feature_prints = [fp for fp, _ in features[ref.name]]
-        for sample_set in sample_sets:
-            depends = memorized_prints[ref.step] if sample_set == SampleSet.memorized else None
-            metric_units.append(Unit(
-                f"{ref.name}/{sample_set}", ref.name, _parts(run) / "metrics" / ref.name / f"{sample_set}.parquet",
-                fingerprint(feature_prints, settings, str(sample_set), depends, groups),
-                payload={"ref": ref, "sample_set": sample_set, "features": [str(p) for _, p in features[ref.name]],
-                         "memorized": str(run.memorized), "weights": str(weights), "groups": groups}))
-    results.append(run_stage("reduce metrics", metric_units,
-                             pool(functools.partial(compute_metrics, positions=positions,
-                                                    max_pairs=metrics_cfg.max_pairs, seed=metrics_cfg.seed)),
-                             progress=cfg.progress))
-    analyses = None
+    settings = {"metrics.positions": positions, "metrics.max_pairs": metrics_cfg.max_pairs,
+                "metrics.seed": metrics_cfg.seed, "groups": groups}
+    metric_units = [
+        Unit(f"{ref.name}/{sample_set}", ref.name, parts / "metrics" / ref.name / f"{sample_set}.parquet",
+             {"features": [u.fingerprint for u in features[ref.name]], "sample set": str(sample_set),
+              "memorized set": memorized_prints[ref.step] if sample_set == SampleSet.memorized else None, **settings},
+             payload={"ref": ref, "sample_set": sample_set, "features": [str(u.output) for u in features[ref.name]],
+                      "memorized": [str(u.output) for u in memorized_units], "groups": groups,
+                      "weights": str(run.checkpoint_weights(ref.name))})
+        for ref in refs if ref.name in features for sample_set in sample_sets]
+    results.append(run_stage("reduce metrics", metric_units, tasks(functools.partial(
+        compute_metrics, positions=positions, max_pairs=metrics_cfg.max_pairs, seed=metrics_cfg.seed)),
+        progress=cfg.progress))
+    analysis_units = []
     if metrics_cfg.routing_analyses:
-        analysis_units = _analysis_units(cfg, run, refs, recorded)
-        results.append(run_stage("reduce analyses", analysis_units,
-                                 pool(functools.partial(compute_analyses,
-                                                        vocab_min_count=metrics_cfg.vocab_min_count)),
-                                 progress=cfg.progress))
-        analyses = _assemble_analyses(run, analysis_units)
-    _assemble_metrics(run, metric_units, memorized, analyses)
-    return _combine("reduce", results)
+        analysis_units = analyses.analysis_units(cfg, run, refs, recorded, parts / "analyses")
+        results.append(run_stage("reduce analyses", analysis_units, tasks(functools.partial(
+            analyses.compute_analyses, vocab_min_count=metrics_cfg.vocab_min_count)), progress=cfg.progress))
+    result = _combine("reduce", results)
+    if not _publish(run, cfg, memorized, metric_units, analysis_units, memorized_units):
+        result.failures.append(failure_row("reduce", "*", "NothingToReduce",
+                                           "no checkpoint has metrics: every reduce unit of them failed"))
+    return result
 
 
 def _memorized_prints(memorized: pd.DataFrame, steps: list[int]) -> dict[int, str]:
@@ -243,72 +199,37 @@ def _memorized_prints(memorized: pd.DataFrame, steps: list[int]) -> dict[int, st
     return out
 
 
-def _analysis_units(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef], recorded: dict) -> list[Unit]:
-    names = [ref.name for ref in refs if any(name == ref.name for name, _ in recorded)]
-    reference = cfg.metrics.saturation_reference or names[-1]
-    units = []
-    for ref in refs:
-        if ref.name not in names:
-            continue
-        shards = [(index, recorded[ref.name, index]) for index in sorted(i for n, i in recorded if n == ref.name)]
-        pairs = [(str(path), str(recorded[reference, index][1]) if (reference, index) in recorded else None)
-                 for index, (_, path, _) in shards]
-        prints = [(fp, recorded[reference, index][2] if (reference, index) in recorded else None)
-                  for index, (_, _, fp) in shards]
-        is_reference = ref.name == reference
-        units.append(Unit(
-            ref.name, ref.name, _parts(run) / "analyses" / f"{ref.name}.parquet",
-            fingerprint(prints, is_reference, cfg.metrics.vocab_min_count),
-            payload={"ref": ref, "shards": pairs, "is_reference": is_reference,
-                     "coactivation": str(_parts(run) / "analyses" / f"{ref.name}.coactivation.parquet"),
-                     "specialization": str(_parts(run) / "analyses" / f"{ref.name}.specialization.parquet")}))
-    return units
-
-
-def _read_done(units: list[Unit]) -> list[pd.DataFrame]:
+def _finished(units: list[Unit]) -> list[pd.DataFrame]:
     return [pd.read_parquet(unit.output) for unit in units if done_fingerprint(unit.output) == unit.fingerprint]
 
 
-def _assemble_memorized(run: RunDir, units: list[Unit]) -> pd.DataFrame | None:
-    """memorized.parquet from the per-group parts; None unless every group has its part."""
-    frames = _read_done(units)
-    if len(frames) < len(units):
-        return None
-    combined = fingerprint([unit.fingerprint for unit in units])
-    if done_fingerprint(run.memorized) != combined:
-        write_parquet(pd.concat(frames, ignore_index=True), run.memorized)
-        mark_done(run.memorized, combined)
-    return pd.read_parquet(run.memorized)
-
-
-def _assemble_analyses(run: RunDir, units: list[Unit]) -> pd.DataFrame:
-    """routing_analyses.parquet, coactivation.parquet and domain_specialization.parquet from the
-    parts; returns the (checkpoint, group) layer means that go into metrics.parquet."""
-    frames = _read_done(units)
-    layers = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    write_parquet(layers, run.routing_analyses)
-    reference = next((u for u in units if u.payload["is_reference"]), None)
-    for key, path in (("coactivation", run.coactivation), ("specialization", run.domain_specialization)):
-        part = Path(reference.payload[key]) if reference is not None else None
-        write_parquet(pd.read_parquet(part) if part is not None and part.exists() else pd.DataFrame(), path)
-    if layers.empty:
-        return pd.DataFrame(columns=["checkpoint", "group", *ANALYSIS_COLUMNS.values()])
-    means = layers[layers["group"] != "*"].groupby(["checkpoint", "group"])[list(ANALYSIS_COLUMNS)].mean()
-    return means.rename(columns=ANALYSIS_COLUMNS).reset_index()
-
-
-def _assemble_metrics(run: RunDir, units: list[Unit], memorized: pd.DataFrame,
-                      analyses: pd.DataFrame | None) -> None:
-    """metrics.parquet: the per-checkpoint parts, the count of memorized samples per row, and the
-    routing analyses' layer means."""
-    frames = _read_done(units)
+def _publish(run: RunDir, cfg: MonitorConfig, memorized: pd.DataFrame, metric_units: list[Unit],
+             analysis_units: list[Unit], memorized_units: list[Unit]) -> bool:
+    """Write the reduce's tables from the finished parts, every one tagged with the same
+    fingerprint of the parts (analyze refuses to mix tables of two reduces); skipped when the
+    tables already hold these parts. False when no checkpoint has metrics."""
+    done = [u.fingerprint for u in [*memorized_units, *metric_units, *analysis_units]
+            if done_fingerprint(u.output) == u.fingerprint]
+    tags = {"reduce": fingerprint(sorted(done)), "config": config_yaml(cfg)}
+    paths = [run.metrics, run.memorized, run.routing_analyses, run.coactivation, run.domain_specialization]
+    if all(read_tags(path).get("reduce") == tags["reduce"] for path in paths):
+        return True
+    frames = _finished(metric_units)
     if not frames:
-        raise RuntimeError(f"{run.root}: no checkpoint has metrics; see failures.parquet")
+        return False
     metrics = pd.concat(frames, ignore_index=True)
     since = memorized.set_index("sample_id")["memorized_since"]
     counts = {(group, step): int((part <= step).sum()) for group, part in since.groupby(memorized["group"].values)
               for step in metrics["step"].unique()}
-    metrics.insert(4, "num_memorized", [counts[g, s] for g, s in zip(metrics["group"], metrics["step"], strict=True)])
-    if analyses is not None:
-        metrics = metrics.merge(analyses, on=["checkpoint", "group"], how="left")
-    write_parquet(metrics.sort_values(["step", "checkpoint", "group", "sample_set"], ignore_index=True), run.metrics)
+    metrics.insert(4, "num_memorized", [counts.get((g, s), 0)
+                                        for g, s in zip(metrics["group"], metrics["step"], strict=True)])
+    tables = analyses.assemble_analyses(analysis_units, _finished(analysis_units))
+    if analysis_units:
+        metrics = metrics.merge(tables["means"], on=["checkpoint", "group"], how="left")
+    write_parquet(metrics.sort_values(["step", "checkpoint", "group", "sample_set"], ignore_index=True), run.metrics,
+                  tags=tags)
+    write_parquet(memorized, run.memorized, tags=tags)
+    for key, path in (("routing_analyses", run.routing_analyses), ("coactivation", run.coactivation),
+                      ("specialization", run.domain_specialization)):
+        write_parquet(tables[key], path, tags=tags)
+    return True

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import time
+from pathlib import Path
 
 import pandas as pd
-from omegaconf import OmegaConf
 
 from moegrok.analysis import analyze
 from moegrok.checkpoints import (
@@ -13,27 +15,61 @@ from moegrok.checkpoints import (
     CheckpointRef,
     build_catalog,
     catalog_frame,
+    content_key,
     local_path,
     refs_from_frame,
 )
-from moegrok.config import MonitorConfig, Stage, TuneMethod
-from moegrok.pipeline.cluster import init_ray
+from moegrok.config import MonitorConfig, Stage, TuneMethod, config_yaml
+from moegrok.errors import UserError
 from moegrok.pipeline.runner import StageResult
-from moegrok.report import correlation_summary, verdicts, write_report
+from moegrok.report import REPORT_VERSION, correlation_summary, verdicts, write_report
 from moegrok.samples import SampleError, select_samples, shard_samples, tokenize_samples
-from moegrok.store import RunDir, failure_row, write_parquet
+from moegrok.store import (
+    RunDir,
+    failure_row,
+    fingerprint,
+    is_done,
+    mark_done,
+    read_tags,
+    run_lock,
+    write_parquet,
+    write_text,
+)
 
 STAGE_ORDER = (Stage.record, Stage.reduce, Stage.tune, Stage.evaluate, Stage.analyze, Stage.report)
-RAY_STAGES = {Stage.record, Stage.reduce, Stage.tune, Stage.evaluate}
+
+
+def check_inputs(cfg: MonitorConfig, stages: list[Stage]) -> None:
+    """Before any work: every input file the stages read exists and is not empty."""
+    def need(path: str, key: str) -> None:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"{key}={path!r}: no such file")
+        if file.stat().st_size == 0:
+            raise UserError(f"{key}={path!r}: the file is empty")
+
+    if Stage.record in stages:
+        if not cfg.samples.paths:
+            raise SampleError("samples.paths is empty: give at least one jsonl/parquet sample file")
+        for index, path in enumerate(cfg.samples.paths):
+            need(path, f"samples.paths[{index}]")
+        if cfg.checkpoints.dir and not Path(cfg.checkpoints.dir).is_dir():
+            raise CheckpointError(f"checkpoints.dir={cfg.checkpoints.dir!r} is not a directory")
+    if Stage.evaluate in stages:
+        for bench in cfg.eval.benchmarks:
+            need(bench.path, f"eval.benchmarks[{bench.name}].path")
+    if Stage.tune in stages and cfg.tune.data:
+        need(cfg.tune.data, "tune.data")
 
 
 def prepare_samples(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> tuple[list, list[dict]]:
-    """Select and tokenize the samples (tokenizer of the first loadable checkpoint) and shard them."""
+    """Select and tokenize the samples (tokenizer of the first loadable checkpoint) and shard them.
+    A malformed or untokenizable sample is a failure row naming it; no usable sample at all is a
+    user error."""
     from transformers import AutoTokenizer
 
     errors: list[str] = []
     frame = select_samples(cfg.samples, errors=errors)
-    failures = [failure_row("samples", e.split(": ", 1)[0], SampleError.__name__, e) for e in errors]
     tokenizer, problems = None, []
     for ref in refs:
         try:
@@ -44,8 +80,12 @@ def prepare_samples(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) 
             problems.append(f"{ref.name}: {type(e).__name__}: {e}")
     if tokenizer is None:
         raise CheckpointError("no checkpoint has a loadable tokenizer: " + "; ".join(problems))
-    shards = [tokenize_samples(part, tokenizer, max_tokens=cfg.samples.max_tokens)
+    shards = [tokenize_samples(part, tokenizer, max_tokens=cfg.samples.max_tokens, errors=errors)
               for part in shard_samples(frame, shard_size=cfg.samples.shard_size)]
+    failures = [failure_row("samples", e.split(": ", 1)[0], SampleError.__name__, e) for e in errors]
+    if not any(shards):
+        raise SampleError(f"samples.paths={cfg.samples.paths}: no usable sample"
+                          + (f" ({len(errors)} rejected; first: {errors[0]})" if errors else ""))
     table = pd.DataFrame([{"sample_id": s.sample_id, "group": s.group, "num_tokens": len(s.input_ids),
                            "num_prompt_tokens": s.num_prompt_tokens, "shard": index}
                           for index, shard in enumerate(shards) for s in shard])
@@ -54,8 +94,9 @@ def prepare_samples(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) 
 
 
 def _catalog(cfg: MonitorConfig, run: RunDir, stages: list[Stage]) -> list[CheckpointRef]:
+    """The checkpoints, each with a key of its current content (so replaced weights re-run)."""
     if {Stage.record, Stage.tune, Stage.evaluate} & set(stages) or not run.catalog.exists():
-        refs = build_catalog(cfg.checkpoints)
+        refs = [dataclasses.replace(ref, content=content_key(ref)) for ref in build_catalog(cfg.checkpoints)]
         write_parquet(catalog_frame(refs), run.catalog)
         return refs
     return refs_from_frame(pd.read_parquet(run.catalog))
@@ -63,23 +104,34 @@ def _catalog(cfg: MonitorConfig, run: RunDir, stages: list[Stage]) -> list[Check
 
 def run_monitor(cfg: MonitorConfig, stages: list[Stage] | None = None) -> int:
     """Run the configured stage(s) (`stages` overrides cfg.stage); returns the exit status
-    (1 when anything failed)."""
-    run = RunDir(cfg.run_dir)
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.config.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    (1 when anything failed). Raises UserError for inputs no retry can fix, before any work."""
     if stages is None:
         stages = list(STAGE_ORDER) if cfg.stage == Stage.all else [cfg.stage]
     if not cfg.eval.enabled or not cfg.eval.benchmarks:
         stages = [s for s in stages if s != Stage.evaluate]
     if cfg.tune.method == TuneMethod.none:
         stages = [s for s in stages if s != Stage.tune]
+    check_inputs(cfg, stages)
+    run = RunDir(cfg.run_dir)
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+        with run_lock(run.root):
+            return _run_stages(cfg, run, stages)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"run dir {run.root}: no space left on the device (writing "
+                            f"{e.filename or 'a table'}); free some and re-run: finished units are kept") from e
+        raise
+
+
+def _run_stages(cfg: MonitorConfig, run: RunDir, stages: list[Stage]) -> int:
     refs = _catalog(cfg, run, stages)
-    if RAY_STAGES & set(stages):
-        init_ray(cfg.cluster)
+    write_text(config_yaml(cfg), run.config)
     results: list[StageResult] = []
     for stage in stages:
-        if stage == Stage.analyze and not run.accuracy.exists():
-            print("analyze: skipped, no accuracy.parquet (evaluation is off and none is stored)")
+        if stage == Stage.analyze and not (run.accuracy.exists() and run.metrics.exists()):
+            print("analyze: skipped, no metrics.parquet or accuracy.parquet (evaluation is off, or nothing was "
+                  "recorded)")
             continue
         start = time.perf_counter()
         result = STAGES[stage](cfg, run, refs)
@@ -87,11 +139,12 @@ def run_monitor(cfg: MonitorConfig, stages: list[Stage] | None = None) -> int:
         # the record stage also reports malformed samples
         run.write_failures({stage, "samples"} if stage == Stage.record else {stage}, result.failures)
         results.append(result)
+        _stop_if_disk_full(result)
     table = pd.DataFrame([result.summary() for result in results])
     print("\nmoegrok sweep summary (" + str(run.root) + ")\n" + table.to_string(index=False))
     if run.correlations.exists() and Stage.report in stages:
         correlations = pd.read_parquet(run.correlations)
-        if correlations["spearman"].notna().any():
+        if len(correlations) and correlations["spearman"].notna().any():
             print("\nSpearman with accuracy after memorization (* = beats step and loss baselines, detrended too)")
             print(correlation_summary(correlations).to_string(index=False))
             onsets = pd.read_parquet(run.onsets) if run.onsets.exists() else None
@@ -102,6 +155,13 @@ def run_monitor(cfg: MonitorConfig, stages: list[Stage] | None = None) -> int:
     if failed:
         print(f"\n{failed} unit(s) failed; see {run.failures}")
     return 1 if failed else 0
+
+
+def _stop_if_disk_full(result: StageResult) -> None:
+    """Workers report a full disk as unit failures; no later unit can succeed, so stop there."""
+    full = next((f for f in result.failures if f"[Errno {errno.ENOSPC}]" in f["message"]), None)
+    if full is not None:
+        raise OSError(errno.ENOSPC, "No space left on device", f"the output of {result.stage} unit {full['unit']}")
 
 
 def _record(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
@@ -134,20 +194,40 @@ def _evaluate(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> Sta
 
 
 def _analyze(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
+    """correlations.parquet and onsets.parquet, skipped when they hold the current inputs. The
+    reduce's tables must come from one reduce (a kill mid-publish leaves them mixed)."""
     if not (run.metrics.exists() and run.accuracy.exists() and run.memorized.exists()):
         raise RuntimeError(f"{run.root}: analyze needs metrics.parquet, accuracy.parquet and memorized.parquet")
+    reduce_tags = {read_tags(path).get("reduce") for path in (run.metrics, run.memorized)}
+    if len(reduce_tags) > 1:
+        raise RuntimeError(f"{run.root}: metrics.parquet and memorized.parquet come from different reduce runs "
+                           "(one was interrupted while publishing): run stage=reduce again")
+    tags = {"metrics": reduce_tags.pop(), "accuracy": read_tags(run.accuracy).get("evaluate"),
+            "analysis": dataclasses.asdict(cfg.analysis), "config": config_yaml(cfg)}
+    inputs = {key: tags[key] for key in ("metrics", "accuracy", "analysis")}
+    if all(read_tags(path).get("inputs") == fingerprint(inputs) for path in (run.correlations, run.onsets)):
+        return StageResult("analyze", units=1, skipped=1)
     correlations, onsets = analyze(
         pd.read_parquet(run.metrics), pd.read_parquet(run.accuracy), pd.read_parquet(run.memorized),
         sample_set=cfg.analysis.sample_set, group_map=dict(cfg.analysis.group_map), min_rise=cfg.analysis.min_rise,
         memorized_accuracy=cfg.analysis.memorized_accuracy,
     )
-    write_parquet(correlations, run.correlations)
-    write_parquet(onsets, run.onsets)
-    return StageResult("analyze", units=len(onsets), done=len(onsets))
+    tags["inputs"] = fingerprint(inputs)
+    write_parquet(correlations, run.correlations, tags=tags)
+    write_parquet(onsets, run.onsets, tags=tags)
+    return StageResult("analyze", units=1, done=1)
 
 
 def _report(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
+    """report.html, skipped when every table it shows is unchanged."""
+    failures = pd.read_parquet(run.failures).drop(columns="time") if run.failures.exists() else None
+    inputs = {"metrics": read_tags(run.metrics).get("reduce"), "accuracy": read_tags(run.accuracy).get("evaluate"),
+              "analyze": read_tags(run.correlations).get("inputs"), "report version": REPORT_VERSION,
+              "failures": None if failures is None else failures.to_json()}
+    if is_done(run.report, fingerprint(inputs)):
+        return StageResult("report", units=1, skipped=1)
     write_report(run.root)
+    mark_done(run.report, inputs)
     return StageResult("report", units=1, done=1)
 
 

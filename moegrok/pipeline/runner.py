@@ -12,7 +12,7 @@ the live cluster, and a task pool for stateless units (reduce).
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
-from moegrok.store import error_fields, failure_row, invalidate, is_done, mark_done
+from moegrok.store import changed_inputs, error_fields, failure_row, fingerprint, invalidate, is_done, mark_done
 
 
 @dataclass
@@ -30,10 +30,14 @@ class Unit:
     name: str  # names the unit in progress bars and failures.parquet, e.g. "step300/shard00002"
     checkpoint: str  # units of one checkpoint go to the actor that has it loaded
     output: Path  # the file or dir whose completion marker says the unit is done
-    fingerprint: str  # everything that determines the output
+    inputs: dict[str, Any]  # everything that determines the output, by name (config keys where they are)
     payload: Any = None  # what the worker needs beyond its constructor arguments (small)
     attempt: int = 0
     lost_actors: int = 0  # times its actor died under it (node loss, OOM kill)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.inputs)
 
 
 @dataclass
@@ -67,7 +71,7 @@ def run_unit(compute: Callable[[Unit], dict | None], unit: Unit) -> Receipt:
         receipt = compute(unit) or {}
     except Exception as e:
         return {"ok": False, **error_fields(e)}
-    mark_done(unit.output, unit.fingerprint)
+    mark_done(unit.output, unit.inputs)
     return {"ok": True, "seconds": time.perf_counter() - start, **receipt}
 
 
@@ -81,17 +85,22 @@ class UnitWorker:
         return run_unit(self.compute, unit)
 
 
-def run_stage(stage: str, units: list[Unit], executor: Executor, *, progress: bool = True,
-              skipped: int = 0) -> StageResult:
-    """Skip the units whose output is current, invalidate and run the rest. `skipped` counts
-    units the stage already found current by other means."""
+def run_stage(stage: str, units: list[Unit], make_executor: Callable[[list[Unit]], Executor], *,
+              progress: bool = True) -> StageResult:
+    """Skip the units whose output is current; say why the others run (new, or which inputs
+    changed); invalidate them and run them on `make_executor(todo)`, which is only called (and
+    Ray only needed) when there is something to do."""
     start = time.perf_counter()
     todo = [unit for unit in units if not is_done(unit.output, unit.fingerprint)]
-    result = StageResult(stage, units=len(units) + skipped, skipped=len(units) - len(todo) + skipped)
+    result = StageResult(stage, units=len(units), skipped=len(units) - len(todo))
+    reasons = Counter(reason for unit in todo for reason in changed_inputs(unit.output, unit.inputs))
+    if reasons.keys() - {"new"}:  # recomputing what was done before: say what changed
+        print(f"{stage}: recomputing {len(todo)} of {len(units)} units: "
+              + ", ".join(f"{name} changed ({count})" for name, count in reasons.most_common() if name != "new"))
     for unit in todo:
         invalidate(unit.output)
     with tqdm(total=len(todo), desc=stage, disable=not progress or not todo, unit="unit") as bar:
-        for unit, receipt in executor(todo) if todo else ():
+        for unit, receipt in make_executor(todo)(todo) if todo else ():
             if receipt["ok"]:
                 result.done += 1
                 result.receipts.append({"unit": unit.name, **receipt})

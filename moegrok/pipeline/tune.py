@@ -11,12 +11,12 @@ import pandas as pd
 import ray
 import torch
 
-from moegrok.checkpoints import CheckpointRef, check_local_dir, local_path, resolve_dtype
+from moegrok.checkpoints import CheckpointRef, check_local_dir, content_key, local_path, resolve_dtype
 from moegrok.config import MonitorConfig, as_plain
-from moegrok.pipeline.cluster import actor_options
+from moegrok.pipeline.cluster import actor_options, init_ray
 from moegrok.pipeline.runner import ActorPool, StageResult, Unit, UnitWorker, run_stage
 from moegrok.samples import select_samples
-from moegrok.store import RunDir, done_fingerprint, fingerprint
+from moegrok.store import RunDir, done_fingerprint
 from moegrok.tuning import TuneResult, read_instructions, tune_checkpoint
 
 TUNED_SUFFIX = "+tuned"
@@ -55,20 +55,26 @@ def tuned_path(run: RunDir, ref: CheckpointRef) -> Path:
 
 def tuned_refs(run: RunDir, refs: list[CheckpointRef]) -> list[CheckpointRef]:
     """The derived checkpoints already tuned in this run dir."""
-    return [CheckpointRef(f"{ref.name}{TUNED_SUFFIX}", ref.step, ref.tokens, uri=str(tuned_path(run, ref)))
-            for ref in refs if done_fingerprint(tuned_path(run, ref)) is not None]
+    tuned = [CheckpointRef(f"{ref.name}{TUNED_SUFFIX}", ref.step, ref.tokens, uri=str(tuned_path(run, ref)))
+             for ref in refs if done_fingerprint(tuned_path(run, ref)) is not None]
+    return [dataclasses.replace(ref, content=content_key(ref)) for ref in tuned]
 
 
 def tune_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
     pairs, data_hash = instruction_pairs(cfg)
     # what changes a tuned model: the method's hyper-parameters, not where or how often it runs
-    settings = {k: v for k, v in as_plain(cfg.tune).items()
+    settings = {f"tune.{k}": v for k, v in as_plain(cfg.tune).items()
                 if k not in ("num_actors", "num_gpus", "num_cpus", "max_retries")}
-    units = [Unit(ref.name, ref.name, tuned_path(run, ref), fingerprint(ref, data_hash, settings, cfg.model.dtype),
-                  payload=ref) for ref in refs]
-    pool = ActorPool(TuneWorker, cfg, ray.put(pairs), options=actor_options(cfg.tune.num_gpus, cfg.tune.num_cpus),
-                     num_actors=cfg.tune.num_actors, max_retries=cfg.tune.max_retries)
-    result = run_stage("tune", units, pool, progress=cfg.progress)
+    units = [Unit(ref.name, ref.name, tuned_path(run, ref),
+                  {"checkpoint": ref.identity, "checkpoint content": ref.content, "tune data": data_hash,
+                   "model.dtype": cfg.model.dtype, **settings}, payload=ref) for ref in refs]
+
+    def executor(todo: list[Unit]) -> ActorPool:
+        init_ray(cfg.cluster)
+        return ActorPool(TuneWorker, cfg, ray.put(pairs), options=actor_options(cfg.tune.num_gpus, cfg.tune.num_cpus),
+                         num_actors=cfg.tune.num_actors, max_retries=cfg.tune.max_retries)
+
+    result = run_stage("tune", units, executor, progress=cfg.progress)
     if result.receipts:
         columns = ["checkpoint", *(f.name for f in dataclasses.fields(TuneResult))]
         print(pd.DataFrame(result.receipts)[columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
