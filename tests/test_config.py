@@ -38,6 +38,9 @@ def leaves(node, prefix=""):
             continue
         if isinstance(value, dict):
             yield from leaves(value, f"{prefix}{key}.")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for index, entry in enumerate(value):
+                yield from leaves(entry, f"{prefix}{key}.{index}.")
         else:
             yield f"{prefix}{key}", value
 

@@ -99,3 +99,16 @@ def test_report_without_accuracy_or_metric_values_draws_accuracy_alone(stored_ru
     page = write_report(run_dir).read_text()
     assert "only accuracy is drawn" in page
     assert not list(run.figures.glob("scatter_*.png"))
+
+
+def test_report_of_a_run_with_missing_or_empty_outputs_says_what_is_missing(stored_run, tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    page = write_report(run.root).read_text()  # nothing at all
+    assert all(message in page for message in ("no metrics.parquet", "no accuracy", "no correlations"))
+    shutil.copy(stored_run.metrics, run.metrics)
+    for table_path in (run.accuracy, run.correlations, run.onsets):  # stages that ran and produced nothing
+        pd.read_parquet(getattr(stored_run, table_path.stem)).iloc[:0].to_parquet(table_path)
+    page = write_report(run.root).read_text()
+    assert "no metrics.parquet" not in page and "no accuracy" in page and "no correlations" in page
+    assert (run.figures / "curves_add_none.png").exists()  # the metric curves alone

@@ -32,11 +32,13 @@ class Worker(UnitWorker):
 
 
 def units(tmp_path, names=("a/0", "a/1", "b/0", "b/1"), version="v1"):
-    return [Unit(name, name.split("/")[0], tmp_path / name.replace("/", "_"), f"{name}@{version}") for name in names]
+    return [Unit(name, name.split("/")[0], tmp_path / name.replace("/", "_"), {"name": name, "version": version})
+            for name in names]
 
 
 def actor_pool(max_retries, **worker):
-    return ActorPool(Worker, *worker.values(), options={"num_cpus": 0.5}, num_actors=2, max_retries=max_retries)
+    return lambda todo: ActorPool(Worker, *worker.values(), options={"num_cpus": 0.5}, num_actors=2,
+                                  max_retries=max_retries)
 
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -47,8 +49,8 @@ def test_retries_then_failure_rows(tmp_path, pool):
     def executor(max_retries):
         if pool == "actors":
             return actor_pool(max_retries, fail_first=1)
-        return TaskPool(functools.partial(compute, fail_first=1), options={"num_cpus": 0.5}, max_in_flight=2,
-                        max_retries=max_retries)
+        return lambda todo: TaskPool(functools.partial(compute, fail_first=1), options={"num_cpus": 0.5},
+                                     max_in_flight=2, max_retries=max_retries)
 
     result = run_stage("s", units(tmp_path), executor(1), progress=False)
     assert (result.units, result.done, result.failed) == (4, 4, 0)
@@ -62,7 +64,7 @@ def test_retries_then_failure_rows(tmp_path, pool):
     assert not any(u.output.exists() or done_fingerprint(u.output) for u in again)
 
 
-def test_done_units_are_skipped_and_changed_ones_recomputed(tmp_path):
+def test_done_units_are_skipped_and_changed_ones_recomputed(tmp_path, capsys):
     first = run_stage("s", units(tmp_path), actor_pool(0), progress=False)
     assert (first.done, first.skipped) == (4, 0)
     stamps = {u.output: u.output.stat().st_mtime_ns for u in units(tmp_path)}
@@ -70,9 +72,11 @@ def test_done_units_are_skipped_and_changed_ones_recomputed(tmp_path):
     assert (again.done, again.skipped) == (0, 4)
     assert stamps == {u.output: u.output.stat().st_mtime_ns for u in units(tmp_path)}
     changed = units(tmp_path, names=("a/0", "a/1")) + units(tmp_path, names=("b/0", "b/1"), version="v2")
+    capsys.readouterr()
     third = run_stage("s", changed, actor_pool(0), progress=False)
     assert (third.done, third.skipped) == (2, 2)
-    assert done_fingerprint(tmp_path / "b_1") == "b/1@v2"
+    assert done_fingerprint(tmp_path / "b_1") == changed[3].fingerprint
+    assert capsys.readouterr().out == "s: recomputing 2 of 4 units: version changed (2)\n"
 
 
 def test_a_lost_actor_costs_no_retry(tmp_path):
@@ -98,7 +102,7 @@ class Broken(UnitWorker):
 
 def test_an_actor_that_never_starts_fails_its_units_with_the_reason(tmp_path):
     pool = ActorPool(Broken, options={"num_cpus": 0.5}, num_actors=2, max_retries=3)
-    result = run_stage("s", units(tmp_path), pool, progress=False)
+    result = run_stage("s", units(tmp_path), lambda todo: pool, progress=False)
     assert result.done == 0 and result.failed == 4
     assert all("no Broken actor starts" in f["message"] and "this engine never loads" in f["message"]
                for f in result.failures)

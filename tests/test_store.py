@@ -4,9 +4,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from moegrok.errors import UserError
 from moegrok.store import (
     RunDir,
     atomic_path,
+    changed_inputs,
     done_fingerprint,
     done_marker,
     error_fields,
@@ -15,6 +17,8 @@ from moegrok.store import (
     invalidate,
     is_done,
     mark_done,
+    read_tags,
+    run_lock,
     write_parquet,
 )
 
@@ -42,20 +46,39 @@ def test_atomic_dir_replaces_an_existing_dir(tmp_path):
 
 def test_markers_hold_the_fingerprint_and_are_hidden(tmp_path):
     output = tmp_path / "shard00000.parquet"
-    print_a, print_b = fingerprint("ckpt", 1, {"x": 1}), fingerprint("ckpt", 1, {"x": 2})
-    assert print_a == fingerprint("ckpt", 1, {"x": 1}) and print_a != print_b
+    inputs_a, inputs_b = {"checkpoint": "c", "metrics.threshold": 0.7}, {"checkpoint": "c", "metrics.threshold": 0.5}
+    print_a, print_b = fingerprint(inputs_a), fingerprint(inputs_b)
+    assert print_a == fingerprint({"metrics.threshold": 0.7, "checkpoint": "c"}) and print_a != print_b
     assert done_marker(output).name == ".shard00000.parquet.done"
-    assert not is_done(output, print_a)
+    assert not is_done(output, print_a) and changed_inputs(output, inputs_a) == ["new"]
     write_parquet(pd.DataFrame({"a": [1]}), output)
     assert not is_done(output, print_a) and done_fingerprint(output) is None  # written but not marked
-    mark_done(output, print_a)
+    mark_done(output, inputs_a)
     assert is_done(output, print_a) and not is_done(output, print_b) and done_fingerprint(output) == print_a
+    assert changed_inputs(output, inputs_b) == ["metrics.threshold"]
+    assert changed_inputs(output, {**inputs_a, "samples": "s"}) == ["samples"]
     assert pd.read_parquet(tmp_path).shape == (1, 1)  # the directory reads as a dataset: markers are skipped
     invalidate(output)
     assert not is_done(output, print_a) and output.exists()
     os.remove(output)
-    mark_done(output, print_a)
+    mark_done(output, inputs_a)
     assert not is_done(output, print_a)  # a marker without its output is not done
+
+
+def test_tables_carry_tags(tmp_path):
+    path = tmp_path / "metrics.parquet"
+    assert read_tags(path) == {}
+    write_parquet(pd.DataFrame({"step": [1]}), path, tags={"reduce": "abc", "config": "run_dir: x\n"})
+    assert read_tags(path) == {"reduce": "abc", "config": "run_dir: x\n"}
+    assert pd.read_parquet(path)["step"].tolist() == [1]
+
+
+def test_a_second_sweep_on_a_run_dir_is_refused_naming_the_first(tmp_path):
+    refused = pytest.raises(UserError, match=rf"run dir {tmp_path} is in use by another sweep \(pid {os.getpid()}")
+    with run_lock(tmp_path), refused, run_lock(tmp_path):
+        pass
+    with run_lock(tmp_path):  # released with the first sweep
+        pass
 
 
 def test_failures_replace_a_stage_latest_attempt(tmp_path):
