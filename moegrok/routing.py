@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from moegrok.batching import length_buckets, pad_batch
 from moegrok.samples import TokenizedSample
 from moegrok.store import ROUTING_SCHEMA
 
@@ -29,7 +30,6 @@ class MoeAdapter:
     `.weight` is the (num_experts, hidden) matrix whose rows are the expert embeddings."""
 
     routers: Callable[[torch.nn.Module], list[tuple[int, torch.nn.Module]]]
-    shared_experts: bool = False  # always-on experts, not part of a pathway
 
 
 def _gate_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
@@ -40,10 +40,10 @@ def _gate_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
 ADAPTERS: dict[str, MoeAdapter] = {
     "olmoe": MoeAdapter(_gate_routers),
     "mixtral": MoeAdapter(_gate_routers),
-    "qwen2_moe": MoeAdapter(_gate_routers, shared_experts=True),
+    "qwen2_moe": MoeAdapter(_gate_routers),
     "qwen3_moe": MoeAdapter(_gate_routers),
-    "deepseek_v2": MoeAdapter(_gate_routers, shared_experts=True),
-    "deepseek_v3": MoeAdapter(_gate_routers, shared_experts=True),
+    "deepseek_v2": MoeAdapter(_gate_routers),
+    "deepseek_v3": MoeAdapter(_gate_routers),
 }
 
 
@@ -72,31 +72,6 @@ def input_embeddings(model: torch.nn.Module, token_ids: Sequence[int]) -> torch.
     """Rows of the input embedding matrix for `token_ids`, (N, D) float32 on CPU."""
     weight = model.get_input_embeddings().weight
     return weight.detach()[torch.as_tensor(list(token_ids), device=weight.device)].float().cpu()
-
-
-def length_buckets(lengths: Sequence[int], *, max_tokens_per_batch: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length whose padded size stays within budget."""
-    order = np.argsort(np.asarray(lengths), kind="stable")
-    batches, current, longest = [], [], 0
-    for index in order:
-        longest_if_added = max(longest, lengths[index])
-        if current and longest_if_added * (len(current) + 1) > max_tokens_per_batch:
-            batches.append(current)
-            current, longest_if_added = [], lengths[index]
-        current.append(int(index))
-        longest = longest_if_added
-    if current:
-        batches.append(current)
-    return batches
-
-
-def pad_batch(samples: Sequence[TokenizedSample]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), right-padded with 0 to the longest sample."""
-    lengths_B = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
-    mask_BT = np.arange(lengths_B.max()) < lengths_B[:, None]
-    input_ids_BT = np.zeros(mask_BT.shape, dtype=np.int64)
-    input_ids_BT[mask_BT] = np.concatenate([s.input_ids for s in samples])  # row-major = sample order
-    return torch.from_numpy(input_ids_BT), torch.from_numpy(mask_BT.astype(np.int64))
 
 
 class RoutingRecorder:
@@ -140,7 +115,9 @@ class RoutingRecorder:
         hidden_BTD = self.model.get_decoder()(
             input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False
         ).last_hidden_state
-        assert len(self._captured) == self.num_layers, "every MoE router must fire once per batch"
+        if len(self._captured) != self.num_layers:
+            raise RuntimeError(f"{type(self.model).__name__}: {len(self._captured)} router calls in one forward, "
+                               f"expected one per MoE layer ({self.num_layers})")
         ids_BLTK = torch.stack([ids.view(batch_size, num_tokens_max, -1) for ids, _ in self._captured], 1)
         weights_BLTK = torch.stack([w.view(batch_size, num_tokens_max, -1) for _, w in self._captured], 1)
         # router order: highest weight first (some routers return unsorted top-k)

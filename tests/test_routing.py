@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moegrok.routing import RoutingRecorder, adapter_for, length_buckets, router_weights
+from moegrok.routing import RoutingRecorder, adapter_for, router_weights
 from moegrok.samples import TokenizedSample
 from moegrok.store import ROUTING_SCHEMA
 from tests.helpers import MOE_FAMILIES, save_tiny_moe
@@ -90,14 +90,6 @@ def test_recorder_output_independent_of_batching(tmp_path):
     np.testing.assert_allclose(one["loss"].to_numpy(), many["loss"].to_numpy(), rtol=1e-5)
     with_ids = RoutingRecorder(model, keep_input_ids=True).record(samples, checkpoint="c", step=0)
     assert with_ids["input_ids"].to_pylist() == [s.input_ids.tolist() for s in samples]
-
-
-def test_length_buckets_cover_every_index_within_budget():
-    lengths = [5, 1, 9, 9, 2, 7, 3, 30]
-    batches = length_buckets(lengths, max_tokens_per_batch=18)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for batch in batches:
-        assert len(batch) == 1 or max(lengths[i] for i in batch) * len(batch) <= 18
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
