@@ -122,15 +122,21 @@ class ModelConfig:
     """How checkpoints are loaded (config group `model/`)."""
 
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = ""  # "" = what transformers chooses for the model; eager | sdpa | ...
     experts_implementation: str = ""  # "" = the transformers default; eager | grouped_mm | ...
     trust_remote_code: bool = False
     # the embedding progress measure (MED) runs over the tokens "0".."residue_tokens-1"; 0 = off
     residue_tokens: int = 0
+    # package.module:function returning a moegrok.adapters.MoeAdapter, for a family without a built-in
+    # adapter; every record actor imports it; "" = the built-in adapter of the model's family
+    adapter: str = ""
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype", self.dtype,
                "auto, float32, bfloat16 or float16")
+        module_name, _, function_name = self.adapter.partition(":")
+        _check(not self.adapter or bool(module_name and function_name), "model.adapter", self.adapter,
+               "package.module:function or empty")
 
 
 @dataclass

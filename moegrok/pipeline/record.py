@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
+from moegrok.adapters import load_adapter
 from moegrok.checkpoints import CheckpointRef, load_checkpoint
 from moegrok.config import MonitorConfig
 from moegrok.pipeline.cluster import actor_options
@@ -44,13 +45,14 @@ class RecordWorker:
         model, self.tokenizer = load_checkpoint(ref, self.cfg.model, cache_dir=self.cfg.checkpoints.cache_dir,
                                                 device=self.device)
         rec = self.cfg.record
-        self.recorder = RoutingRecorder(model, max_tokens_per_batch=rec.max_tokens_per_batch,
+        adapter = load_adapter(self.cfg.model.adapter) if self.cfg.model.adapter else None  # imported here, per actor
+        self.recorder = RoutingRecorder(model, adapter=adapter, max_tokens_per_batch=rec.max_tokens_per_batch,
                                         loss_chunk_tokens=rec.loss_chunk_tokens, keep_input_ids=rec.keep_input_ids)
         self.name = ref.name
 
     def _checkpoint_weights(self) -> bytes:
         model = self.recorder.model
-        tensors = {"routers": router_weights(model).contiguous()}
+        tensors = {"routers": router_weights(model, adapter=self.recorder.adapter).contiguous()}
         num_residues = self.cfg.model.residue_tokens
         if num_residues:
             ids = self.tokenizer.convert_tokens_to_ids([str(i) for i in range(num_residues)])
@@ -82,6 +84,7 @@ def record_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef],
     """Record every unit not already done under the same fingerprint. Returns counts and failures."""
     settings = (cfg.model.dtype, cfg.model.attn_implementation, cfg.model.experts_implementation,
                 cfg.model.trust_remote_code, cfg.model.residue_tokens, cfg.record.keep_input_ids)
+    settings += (cfg.model.adapter,) if cfg.model.adapter else ()  # runs without one keep their fingerprints
     shard_prints = [tokens_fingerprint(shard) for shard in shards]
     shard_refs = [ray.put(shard) for shard in shards]
     units, skipped = [], 0
