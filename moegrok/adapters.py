@@ -67,6 +67,13 @@ def jetmoe_gating(module, args, kwargs, output):
     return ids.view(-1, module.top_k), weights.view(-1, module.top_k)
 
 
+def zaya_router(module, args, kwargs, output):
+    """ZayaRouter returns (logits, weights, ids, router state); a choice of its skip expert (no
+    computation) comes as expert 0 with weight 0. Record it as expert E, the skip."""
+    _, weights_NK, ids_NK, _ = output
+    return ids_NK.masked_fill(weights_NK == 0, module.num_experts), weights_NK
+
+
 def config_int(name: str) -> Callable[[Any], int]:
     """A config value such as the expert count; per-layer lists must hold one value."""
 
@@ -247,6 +254,8 @@ ADAPTERS: dict[str, MoeAdapter] = {
     # routed and zero-computation (identity) experts share one softmax: ids cover both
     "longcat_flash": MoeAdapter("mlp.router", expert_rows=parameter("mlp.router.classifier.weight"),
                                 num_experts=lambda c: c.n_routed_experts + (c.zero_expert_num or 0)),
+    # an MLP router over a state carried across layers; no (E, D) rows: consistency is NaN
+    "zaya": MoeAdapter("mlp.gate", read=zaya_router, num_experts=lambda c: c.num_experts + 1),  # E = the skip
     # other rules
     "phimoe": _gate("mlp.router"),
     "gemma4_text": _gate("router", expert_rows=parameter("router.proj.weight"), num_experts=config_int("num_experts"),
@@ -261,8 +270,6 @@ ADAPTERS: dict[str, MoeAdapter] = {
 }
 
 REFUSED: dict[str, str] = {
-    "zaya": "its router (ZayaRouter) can send a token to a skip expert that has no expert id and masks that choice "
-            "to expert 0 with weight 0, so its top-k ids do not say which experts ran",
     "doge": "its MoE block (DogeCDMoE) reshapes its (batch, tokens, 2 x keys) product-key logits as (2, batch x "
             "tokens, keys), so a token's experts depend on the other tokens in the batch, padding included",
     "gemma4": "Gemma4ForConditionalGeneration is a vision-language model; moegrok records text causal LMs: "
