@@ -130,6 +130,7 @@ class MoeAdapter:
     weight_sum: the per-token sum of the top-k weights where the family normalizes them, else None.
     lm_logits: (model, hidden_ND) -> logits_NV the way the family's ForCausalLM computes them.
     decoder, layers: the decoder module and the name of its list of layers.
+    pad_free: the family's forward changes with right padding: batch only samples of equal length.
     """
 
     hook: str
@@ -141,6 +142,7 @@ class MoeAdapter:
     lm_logits: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _lm_head
     decoder: Callable[[nn.Module], nn.Module] = lambda model: model.get_decoder()
     layers: str = "layers"
+    pad_free: bool = False
 
     def moe_layers(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
         """(layer index, decoder layer) of every layer that has the hooked module, in order."""
@@ -227,13 +229,14 @@ ADAPTERS: dict[str, MoeAdapter] = {
                          weight_sum=lambda c: 1.0 if c.expert_selection_fn == "softmax" or c.norm_topk_prob else None),
     # sigmoid scores, selection with a correction bias, renormalized, scaled
     "deepseek_v3": _deepseek_v3_like(),
-    "deepseek_v32": _deepseek_v3_like(),
+    # DeepSeek sparse attention: its indexer picks different keys when a batch is right-padded
+    "deepseek_v32": _deepseek_v3_like(pad_free=True),
+    "glm_moe_dsa": _deepseek_v3_like(pad_free=True),
+    "axk2": _deepseek_v3_like(pad_free=True),
     "axk1": _deepseek_v3_like(),
-    "axk2": _deepseek_v3_like(),
     "dots1": _deepseek_v3_like(),
     "glm4_moe": _deepseek_v3_like(),
     "glm4_moe_lite": _deepseek_v3_like(),
-    "glm_moe_dsa": _deepseek_v3_like(),
     "hy_v4": _deepseek_v3_like(),
     "kimi_linear": _deepseek_v3_like(),
     "mimo_v2_flash": _deepseek_v3_like(),

@@ -10,13 +10,16 @@ import torch
 from moegrok.samples import TokenizedSample
 
 
-def length_buckets(lengths: Sequence[int], *, max_tokens_per_batch: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length whose padded size stays within budget."""
+def length_buckets(lengths: Sequence[int], *, max_tokens_per_batch: int, equal_lengths: bool = False
+                   ) -> list[list[int]]:
+    """Indices grouped into batches of similar length (`equal_lengths`: the same length, so no
+    padding) whose padded size stays within budget."""
     order = np.argsort(np.asarray(lengths), kind="stable")
     batches, current, longest = [], [], 0
     for index in order:
         longest_if_added = max(longest, lengths[index])
-        if current and longest_if_added * (len(current) + 1) > max_tokens_per_batch:
+        new_length = equal_lengths and longest_if_added != longest
+        if current and (new_length or longest_if_added * (len(current) + 1) > max_tokens_per_batch):
             batches.append(current)
             current, longest_if_added = [], lengths[index]
         current.append(int(index))

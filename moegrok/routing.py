@@ -178,7 +178,8 @@ class RoutingRecorder:
 
     def record(self, samples: Sequence[TokenizedSample], *, checkpoint: str, step: int) -> pa.Table:
         """The routing table of `samples` (rows in the given order)."""
-        batches = length_buckets([len(s.input_ids) for s in samples], max_tokens_per_batch=self.max_tokens_per_batch)
+        batches = length_buckets([len(s.input_ids) for s in samples], max_tokens_per_batch=self.max_tokens_per_batch,
+                                 equal_lengths=self.adapter.pad_free)
         handles = [router.register_forward_hook(self._hook, with_kwargs=True) for _, router in self.routers]
         try:
             results = [self._record_batch([samples[i] for i in batch]) for batch in batches]

@@ -125,6 +125,29 @@ TINY_REFUSED = {
 }
 
 
+# vision-language configs that AutoModelForCausalLM loads as their text model
+LOADED_AS_TEXT = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text", "qwen4_exp": "qwen4_exp_text"}
+
+
+def moe_causal_lm_types() -> list[str]:
+    """The causal-LM model types of the installed transformers whose modeling code reports router logits."""
+    import re
+    from pathlib import Path
+
+    import transformers
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    models = Path(transformers.__file__).parent / "models"
+    found = []
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        module = model_type_to_module_name(model_type)
+        source = models / module / f"modeling_{module}.py"
+        if source.exists() and re.search(r'"router_logits":\s*(OutputRecorder|\[)', source.read_text()):
+            found.append(model_type)
+    return found
+
+
 def tiny_moe_config(family: str, vocab_size: int):
     """A tiny random config of an MoE family (a model_type of transformers)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING

@@ -1,30 +1,10 @@
-import re
-from pathlib import Path
-
 import pytest
-import transformers
 from transformers import AutoModelForCausalLM
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING, model_type_to_module_name
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from moegrok.adapters import ADAPTERS, REFUSED, MoeAdapter, load_adapter
 from moegrok.config import ModelConfig
-from tests.helpers import MOE_FAMILIES, tiny_moe_config
-
-# vision-language configs that AutoModelForCausalLM loads as their text model
-LOADED_AS_TEXT = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text", "qwen4_exp": "qwen4_exp_text"}
-
-
-def moe_causal_lm_types() -> list[str]:
-    """The causal-LM model types of the installed transformers whose modeling code reports router logits."""
-    models = Path(transformers.__file__).parent / "models"
-    found = []
-    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        module = model_type_to_module_name(model_type)
-        source = models / module / f"modeling_{module}.py"
-        if source.exists() and re.search(r'"router_logits":\s*(OutputRecorder|\[)', source.read_text()):
-            found.append(model_type)
-    return found
+from tests.helpers import LOADED_AS_TEXT, MOE_FAMILIES, moe_causal_lm_types, tiny_moe_config
 
 
 def test_every_moe_causal_lm_of_transformers_is_supported_or_refused():

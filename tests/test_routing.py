@@ -21,7 +21,9 @@ from moegrok.store import ROUTING_SCHEMA, RunDir
 from tests.helpers import MOE_FAMILIES, monitor_config, save_remote_moe, save_tiny_moe
 from tests.routing_reference import reference_routing
 
-SAMPLE_TEXTS = ["3 + 4 = 7", "2 * 5 = 10", "9 - 4 = 5", "6 + 6 = 1", "10 * 10 = 1", "7 ^ 2 = 5", "1 / 1 = 1"]
+# toy-vocabulary texts of 4 to 15 tokens: longer ones than the tiny sparse attention's 8 keys, padded in a batch
+SAMPLE_TEXTS = [" ".join(np.random.default_rng(length).choice([*map(str, range(11)), "+", "*", "="], length))
+                for length in (3, 4, 5, 7, 8, 9, 11, 12, 14)]
 
 
 def make_samples(tokenizer, count: int, seed: int = 0):
