@@ -17,8 +17,9 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from moegrok.adapters import MoeAdapter, adapter_for
+from moegrok.adapters import MoeAdapter
 from moegrok.batching import length_buckets, pad_batch
+from moegrok.families import adapter_for
 from moegrok.samples import TokenizedSample
 from moegrok.store import ROUTING_SCHEMA
 

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moegrok.adapters import IDS_WEIGHTS_LOGITS, LOGITS_WEIGHTS_IDS, UnsupportedModelError, adapter_for
+from moegrok.adapters import IDS_WEIGHTS_LOGITS, LOGITS_WEIGHTS_IDS, UnsupportedModelError
 from moegrok.config import CheckpointsConfig, ModelConfig, SamplesConfig
+from moegrok.families import adapter_for
 from moegrok.pathways import routing_shape, sample_features
 from moegrok.pipeline.run import run_monitor
 from moegrok.routing import RoutingError, RoutingRecorder, router_weights
