@@ -182,8 +182,8 @@ ADAPTERS: dict[str, MoeAdapter] = {
 REFUSED: dict[str, str] = {
     "doge": "its MoE block (DogeCDMoE) reshapes its (batch, tokens, 2 x keys) product-key logits as (2, batch x "
             "tokens, keys), so a token's experts depend on the other tokens in the batch, padding included",
-    "gemma4": "Gemma4ForConditionalGeneration is a vision-language model; moegrok records text causal LMs: "
-              "save its text model (Gemma4ForCausalLM, model_type gemma4_text) and record that",
+    "gemma4": "it is a vision-language model and moegrok records text causal LMs: save its text model "
+              "(Gemma4ForCausalLM, model_type gemma4_text) and record that",
 }
 
 
