@@ -91,34 +91,27 @@ class RoutingRecorder:
     def _hook(self, module, args, kwargs, output) -> None:
         self._captured.append(self.adapter.read(module, args, kwargs, output))
 
-    def _checked_routing(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids_LNK, weights_LNK) of the batch's N tokens, after checking that every read is top-k routing."""
+    def _checked_routing(self, valid_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids_LNK, weights_LNK) of the batch's N token positions, after checking that every read is
+        top-k routing (values at the real tokens, `valid_N`; padding may route anyhow)."""
         if len(self._captured) != self.num_layers:
             raise RoutingError(f"{self.name}: {len(self._captured)} calls of {self.adapter.hook!r} in one forward, "
                                f"expected one per MoE layer ({self.num_layers})")
         where = [f"{self.name} layer {index} ({self.adapter.hook})" for index, _ in self.routers]
-        expected = (num_tokens, self.top_k)
         for at, (ids, weights) in zip(where, self._captured, strict=True):
-            if not _is_integer(ids):
-                raise RoutingError(f"{at}: top-k ids are {getattr(ids, 'dtype', type(ids).__name__)}, expected "
-                                   "integers (does the adapter read the router logits or weights instead?)")
-            if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
-                raise RoutingError(f"{at}: top-k weights are {getattr(weights, 'dtype', type(weights).__name__)}, "
-                                   "expected floats")
-            if tuple(ids.shape) != expected or tuple(weights.shape) != expected:
-                raise RoutingError(f"{at}: ids {tuple(ids.shape)} and weights {tuple(weights.shape)}, expected "
-                                   f"{expected} each (tokens, top-k)")
+            self._check_read(at, ids, weights, num_tokens=len(valid_N))
         ids_LNK = torch.stack([ids.long() for ids, _ in self._captured])
         weights_LNK = torch.stack([weights.float() for _, weights in self._captured])
-        sorted_LNK = ids_LNK.sort(dim=-1).values
-        sums_LN = weights_LNK.sum(-1)
-        deviation_LN = (sums_LN - self.weight_sum).abs() if self.weight_sum is not None else torch.zeros_like(sums_LN)
-        worst_N = deviation_LN.argmax(-1, keepdim=True)
+        ids_LVK, weights_LVK = ids_LNK[:, valid_N], weights_LNK[:, valid_N]  # V: the real tokens
+        sorted_LVK = ids_LVK.sort(dim=-1).values
+        sums_LV = weights_LVK.sum(-1)
+        deviation_LV = (sums_LV - self.weight_sum).abs() if self.weight_sum is not None else torch.zeros_like(sums_LV)
+        worst_V = deviation_LV.argmax(-1, keepdim=True)
         stats_L6 = torch.stack([  # one device sync for all checks
-            ids_LNK.amin((1, 2)).double(), ids_LNK.amax((1, 2)).double(),
-            (sorted_LNK[..., 1:] == sorted_LNK[..., :-1]).any(-1).sum(-1).double(),
-            (~weights_LNK.isfinite()).sum((1, 2)).double(),
-            deviation_LN.gather(-1, worst_N)[:, 0].double(), sums_LN.gather(-1, worst_N)[:, 0].double(),
+            ids_LVK.amin((1, 2)).double(), ids_LVK.amax((1, 2)).double(),
+            (sorted_LVK[..., 1:] == sorted_LVK[..., :-1]).any(-1).sum(-1).double(),
+            (~weights_LVK.isfinite()).sum((1, 2)).double(),
+            deviation_LV.gather(-1, worst_V)[:, 0].double(), sums_LV.gather(-1, worst_V)[:, 0].double(),
         ], 1).tolist()
         tolerance = abs(self.weight_sum or 0) * (1e-4 + self.top_k * torch.finfo(self._captured[0][1].dtype).eps)
         for at, (low, high, repeated, nonfinite, deviation, worst_sum) in zip(where, stats_L6, strict=True):
@@ -133,6 +126,19 @@ class RoutingRecorder:
                                    f"{self.weight_sum:g} (this family normalizes them)")
         return ids_LNK, weights_LNK
 
+    def _check_read(self, at: str, ids, weights, *, num_tokens: int) -> None:
+        """Types and shapes of one layer's read: integer ids and float weights, (tokens, top-k) each."""
+        if not _is_integer(ids):
+            raise RoutingError(f"{at}: top-k ids are {getattr(ids, 'dtype', type(ids).__name__)}, expected "
+                               "integers (does the adapter read the router logits or weights instead?)")
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+            raise RoutingError(f"{at}: top-k weights are {getattr(weights, 'dtype', type(weights).__name__)}, "
+                               "expected floats")
+        expected = (num_tokens, self.top_k)
+        if tuple(ids.shape) != expected or tuple(weights.shape) != expected:
+            raise RoutingError(f"{at}: ids {tuple(ids.shape)} and weights {tuple(weights.shape)}, expected "
+                               f"{expected} each (tokens, top-k)")
+
     @torch.inference_mode()
     def _record_batch(self, samples: list[TokenizedSample]):
         """Flat routing (each sample's (L, n, K) block in turn), and per-sample loss and accuracy."""
@@ -143,7 +149,7 @@ class RoutingRecorder:
         hidden_BTD = self.adapter.decoder(self.model)(
             input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False
         ).last_hidden_state
-        ids_LNK, weights_LNK = self._checked_routing(batch_size * num_tokens_max)
+        ids_LNK, weights_LNK = self._checked_routing(attention_mask_BT.bool().flatten())
         ids_BLTK = ids_LNK.view(self.num_layers, batch_size, num_tokens_max, -1).transpose(0, 1)
         weights_BLTK = weights_LNK.view(self.num_layers, batch_size, num_tokens_max, -1).transpose(0, 1)
         # router order: highest weight first (some routers return unsorted top-k)
