@@ -127,8 +127,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     # the embedding progress measure (MED) runs over the tokens "0".."residue_tokens-1"; 0 = off
     residue_tokens: int = 0
-    # package.module:function returning a moegrok.adapters.MoeAdapter, for a family without a built-in
-    # adapter; every record actor imports it; "" = the built-in adapter of the model's family
+    # package.module:function returning a moegrok.adapters.MoeAdapter, used for every checkpoint instead
+    # of the built-in one (e.g. a family moegrok does not know); each record actor imports it by name.
+    # "" = the built-in adapter of the model's family (moegrok/families.py)
     adapter: str = ""
 
     def __post_init__(self) -> None:
