@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moegrok.routing import RoutingRecorder, length_buckets, pad_batch
+from moegrok.batching import length_buckets, pad_batch
+from moegrok.routing import RoutingRecorder
 from moegrok.samples import TokenizedSample
 
 

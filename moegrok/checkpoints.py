@@ -244,7 +244,7 @@ def load_checkpoint(ref: CheckpointRef, model_cfg: ModelConfig, *, cache_dir: st
             dtype=resolve_dtype(model_cfg.dtype, device),
             use_safetensors=True,
             trust_remote_code=model_cfg.trust_remote_code,
-            attn_implementation=model_cfg.attn_implementation,
+            attn_implementation=model_cfg.attn_implementation or None,  # None: transformers chooses
         ).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     except CheckpointError:

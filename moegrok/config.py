@@ -214,15 +214,22 @@ class ModelConfig:
     """How checkpoints are loaded (config group `model/`)."""
 
     dtype: Dtype = Dtype.auto
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = ""  # "" = what transformers chooses for the model; eager | sdpa | ...
     experts_implementation: str = ""  # "" = the transformers default; eager | grouped_mm | ...
     trust_remote_code: bool = False
     # the embedding progress measure (MED) runs over the tokens "0".."residue_tokens-1"; 0 = off
     residue_tokens: int = 0
+    # package.module:function returning a moegrok.adapters.MoeAdapter, used for every checkpoint instead
+    # of the built-in one (e.g. a family moegrok does not know); each record actor imports it by name.
+    # "" = the built-in adapter of the model's family (moegrok/families.py)
+    adapter: str = ""
 
     def __post_init__(self) -> None:
         self.dtype = _choice(Dtype, self.dtype, "model.dtype")
         _check(self.residue_tokens >= 0, "model.residue_tokens", self.residue_tokens, ">= 0")
+        module_name, _, function_name = self.adapter.partition(":")
+        _check(not self.adapter or bool(module_name and function_name), "model.adapter", self.adapter,
+               "package.module:function or empty")
 
 
 @dataclass

@@ -1,71 +1,47 @@
 """RoutingRecorder: a loaded HF MoE model + tokenized samples -> the routing table.
 
 Per token per MoE layer it records the top-k expert ids and weights in router order (highest
-weight first) with forward hooks on the routers, and per sample the mean next-token NLL on the
-scored tokens. Full-vocabulary logits are computed only for scored positions and in chunks.
-
-Supported families share transformers' router contract (`mlp.gate(hidden) -> (logits,
-top-k weights, top-k ids)`); add one with `register_adapter`.
+weight first) with forward hooks placed by the family's adapter (moegrok/adapters.py), and per
+sample the mean next-token NLL on the scored tokens. Every batch's routing is checked before it
+is stored: integer ids of shape (tokens, k), 0 <= id < E, no expert twice in a token's top-k,
+finite weights that sum to the family's constant where it normalizes them. Full-vocabulary
+logits are computed only for scored positions and in chunks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from moegrok.adapters import MoeAdapter
+from moegrok.batching import length_buckets, pad_batch
+from moegrok.families import adapter_for
 from moegrok.samples import TokenizedSample
 from moegrok.store import ROUTING_SCHEMA
 
 
-@dataclass(frozen=True)
-class MoeAdapter:
-    """Where a family keeps its routers. `routers(model)` -> [(layer_index, router_module)] in
-    layer order; a router's forward returns (router_logits, topk_weights, topk_ids) and its
-    `.weight` is the (num_experts, hidden) matrix whose rows are the expert embeddings."""
-
-    routers: Callable[[torch.nn.Module], list[tuple[int, torch.nn.Module]]]
-    shared_experts: bool = False  # always-on experts, not part of a pathway
+class RoutingError(ValueError):
+    """A hooked call that does not read as top-k routing; the message names the model class and layer."""
 
 
-def _gate_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
-    layers = model.get_decoder().layers
-    return [(i, layer.mlp.gate) for i, layer in enumerate(layers) if hasattr(layer.mlp, "gate")]
-
-
-ADAPTERS: dict[str, MoeAdapter] = {
-    "olmoe": MoeAdapter(_gate_routers),
-    "mixtral": MoeAdapter(_gate_routers),
-    "qwen2_moe": MoeAdapter(_gate_routers, shared_experts=True),
-    "qwen3_moe": MoeAdapter(_gate_routers),
-    "deepseek_v2": MoeAdapter(_gate_routers, shared_experts=True),
-    "deepseek_v3": MoeAdapter(_gate_routers, shared_experts=True),
-}
-
-
-def register_adapter(model_type: str, adapter: MoeAdapter) -> None:
-    ADAPTERS[model_type] = adapter
-
-
-def adapter_for(model: torch.nn.Module) -> MoeAdapter:
-    model_type = model.config.model_type
-    if model_type not in ADAPTERS:
-        raise ValueError(
-            f"unsupported MoE architecture {model_type!r}; supported: {sorted(ADAPTERS)}. "
-            "To add one, call moegrok.routing.register_adapter(model_type, MoeAdapter(routers=fn)) "
-            "where fn(model) returns [(layer_index, router_module)] and each router returns "
-            "(logits, top-k weights, top-k ids)."
-        )
-    return ADAPTERS[model_type]
-
-
-def router_weights(model: torch.nn.Module) -> torch.Tensor:
-    """Router weight rows of every MoE layer, (L, E, D) float32 on CPU: the expert embeddings."""
-    return torch.stack([r.weight.detach().float().cpu() for _, r in adapter_for(model).routers(model)])
+def router_weights(model: torch.nn.Module, *, adapter: MoeAdapter | None = None) -> torch.Tensor:
+    """The expert embeddings of every MoE layer, (L, E, D) float32 on CPU: the router weight rows.
+    An adapter without expert rows gives NaN of shape (L, E, 1), so pathway consistency is NaN."""
+    adapter = adapter or adapter_for(model)
+    layers = adapter.moe_layers(model)
+    num_experts = adapter.num_experts(model.config)
+    if adapter.expert_rows is None:
+        return torch.full((len(layers), num_experts, 1), float("nan"))
+    rows = [adapter.expert_rows(layer).detach().float().cpu() for _, layer in layers]
+    for (index, _), rows_ED in zip(layers, rows, strict=True):
+        if rows_ED.ndim != 2 or rows_ED.shape != rows[0].shape or rows_ED.shape[0] != num_experts:
+            raise RoutingError(f"{type(model).__name__} layer {index}: expert rows of shape {tuple(rows_ED.shape)}, "
+                               f"expected ({num_experts}, hidden) in every layer")
+    return torch.stack(rows)
 
 
 def input_embeddings(model: torch.nn.Module, token_ids: Sequence[int]) -> torch.Tensor:
@@ -74,29 +50,9 @@ def input_embeddings(model: torch.nn.Module, token_ids: Sequence[int]) -> torch.
     return weight.detach()[torch.as_tensor(list(token_ids), device=weight.device)].float().cpu()
 
 
-def length_buckets(lengths: Sequence[int], *, max_tokens_per_batch: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length whose padded size stays within budget."""
-    order = np.argsort(np.asarray(lengths), kind="stable")
-    batches, current, longest = [], [], 0
-    for index in order:
-        longest_if_added = max(longest, lengths[index])
-        if current and longest_if_added * (len(current) + 1) > max_tokens_per_batch:
-            batches.append(current)
-            current, longest_if_added = [], lengths[index]
-        current.append(int(index))
-        longest = longest_if_added
-    if current:
-        batches.append(current)
-    return batches
-
-
-def pad_batch(samples: Sequence[TokenizedSample]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), right-padded with 0 to the longest sample."""
-    lengths_B = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
-    mask_BT = np.arange(lengths_B.max()) < lengths_B[:, None]
-    input_ids_BT = np.zeros(mask_BT.shape, dtype=np.int64)
-    input_ids_BT[mask_BT] = np.concatenate([s.input_ids for s in samples])  # row-major = sample order
-    return torch.from_numpy(input_ids_BT), torch.from_numpy(mask_BT.astype(np.int64))
+def _is_integer(values) -> bool:
+    return isinstance(values, torch.Tensor) and not (values.is_floating_point() or values.is_complex()
+                                                     or values.dtype == torch.bool)
 
 
 class RoutingRecorder:
@@ -106,16 +62,22 @@ class RoutingRecorder:
         self,
         model: torch.nn.Module,
         *,
+        adapter: MoeAdapter | None = None,
         max_tokens_per_batch: int = 16384,
         loss_chunk_tokens: int = 4096,
         keep_input_ids: bool = False,
     ) -> None:
         self.model = model.eval()
-        self.routers = adapter_for(model).routers(model)
+        self.adapter = adapter or adapter_for(model)
+        self.name = type(model).__name__
+        self.routers = self.adapter.routers(model)
         if not self.routers:
-            raise ValueError(f"{model.config.model_type} model has no MoE layers to record")
-        self.num_experts = int(self.routers[0][1].weight.shape[0])
-        self.top_k = int(model.config.num_experts_per_tok)
+            raise RoutingError(f"{self.name}: no decoder layer has {self.adapter.hook!r}, so no MoE layers to record")
+        self.num_experts = self.adapter.num_experts(model.config)
+        self.top_k = self.adapter.top_k(model.config)
+        if not 0 < self.top_k <= self.num_experts:
+            raise RoutingError(f"{self.name}: top_k={self.top_k} with num_experts={self.num_experts}")
+        self.weight_sum = self.adapter.weight_sum(model.config)
         self.max_tokens_per_batch = max_tokens_per_batch
         self.loss_chunk_tokens = loss_chunk_tokens
         self.keep_input_ids = keep_input_ids
@@ -126,9 +88,56 @@ class RoutingRecorder:
     def num_layers(self) -> int:
         return len(self.routers)
 
-    def _hook(self, module, inputs, output) -> None:
-        _, weights_NK, ids_NK = output
-        self._captured.append((ids_NK, weights_NK))
+    def _hook(self, module, args, kwargs, output) -> None:
+        self._captured.append(self.adapter.read(module, args, kwargs, output))
+
+    def _checked_routing(self, valid_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids_LNK, weights_LNK) of the batch's N token positions, after checking that every read is
+        top-k routing (values at the real tokens, `valid_N`; padding may route anyhow)."""
+        if len(self._captured) != self.num_layers:
+            raise RoutingError(f"{self.name}: {len(self._captured)} calls of {self.adapter.hook!r} in one forward, "
+                               f"expected one per MoE layer ({self.num_layers})")
+        where = [f"{self.name} layer {index} ({self.adapter.hook})" for index, _ in self.routers]
+        for at, (ids, weights) in zip(where, self._captured, strict=True):
+            self._check_read(at, ids, weights, num_tokens=len(valid_N))
+        ids_LNK = torch.stack([ids.long() for ids, _ in self._captured])
+        weights_LNK = torch.stack([weights.float() for _, weights in self._captured])
+        ids_LVK, weights_LVK = ids_LNK[:, valid_N], weights_LNK[:, valid_N]  # V: the real tokens
+        sorted_LVK = ids_LVK.sort(dim=-1).values
+        sums_LV = weights_LVK.sum(-1)
+        deviation_LV = (sums_LV - self.weight_sum).abs() if self.weight_sum is not None else torch.zeros_like(sums_LV)
+        worst_V = deviation_LV.argmax(-1, keepdim=True)
+        stats_L6 = torch.stack([  # one device sync for all checks
+            ids_LVK.amin((1, 2)).double(), ids_LVK.amax((1, 2)).double(),
+            (sorted_LVK[..., 1:] == sorted_LVK[..., :-1]).any(-1).sum(-1).double(),
+            (~weights_LVK.isfinite()).sum((1, 2)).double(),
+            deviation_LV.gather(-1, worst_V)[:, 0].double(), sums_LV.gather(-1, worst_V)[:, 0].double(),
+        ], 1).tolist()
+        tolerance = abs(self.weight_sum or 0) * (1e-4 + self.top_k * torch.finfo(self._captured[0][1].dtype).eps)
+        for at, (low, high, repeated, nonfinite, deviation, worst_sum) in zip(where, stats_L6, strict=True):
+            if low < 0 or high >= self.num_experts:
+                raise RoutingError(f"{at}: top-k ids span {low:.0f}..{high:.0f}, expected 0..{self.num_experts - 1}")
+            if repeated:
+                raise RoutingError(f"{at}: {repeated:.0f} tokens list an expert twice in their top-{self.top_k}")
+            if nonfinite:
+                raise RoutingError(f"{at}: {nonfinite:.0f} top-k weights are not finite")
+            if deviation > tolerance:
+                raise RoutingError(f"{at}: a token's top-k weights sum to {worst_sum:.6g}, expected "
+                                   f"{self.weight_sum:g} (this family normalizes them)")
+        return ids_LNK, weights_LNK
+
+    def _check_read(self, at: str, ids, weights, *, num_tokens: int) -> None:
+        """Types and shapes of one layer's read: integer ids and float weights, (tokens, top-k) each."""
+        if not _is_integer(ids):
+            raise RoutingError(f"{at}: top-k ids are {getattr(ids, 'dtype', type(ids).__name__)}, expected "
+                               "integers (does the adapter read the router logits or weights instead?)")
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+            raise RoutingError(f"{at}: top-k weights are {getattr(weights, 'dtype', type(weights).__name__)}, "
+                               "expected floats")
+        expected = (num_tokens, self.top_k)
+        if tuple(ids.shape) != expected or tuple(weights.shape) != expected:
+            raise RoutingError(f"{at}: ids {tuple(ids.shape)} and weights {tuple(weights.shape)}, expected "
+                               f"{expected} each (tokens, top-k)")
 
     @torch.inference_mode()
     def _record_batch(self, samples: list[TokenizedSample]):
@@ -137,14 +146,14 @@ class RoutingRecorder:
         batch_size, num_tokens_max = input_ids_BT.shape
 
         self._captured.clear()
-        hidden_BTD = self.model.get_decoder()(
+        hidden_BTD = self.adapter.decoder(self.model)(
             input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False
         ).last_hidden_state
-        assert len(self._captured) == self.num_layers, "every MoE router must fire once per batch"
-        ids_BLTK = torch.stack([ids.view(batch_size, num_tokens_max, -1) for ids, _ in self._captured], 1)
-        weights_BLTK = torch.stack([w.view(batch_size, num_tokens_max, -1) for _, w in self._captured], 1)
+        ids_LNK, weights_LNK = self._checked_routing(attention_mask_BT.bool().flatten())
+        ids_BLTK = ids_LNK.view(self.num_layers, batch_size, num_tokens_max, -1).transpose(0, 1)
+        weights_BLTK = weights_LNK.view(self.num_layers, batch_size, num_tokens_max, -1).transpose(0, 1)
         # router order: highest weight first (some routers return unsorted top-k)
-        weights_BLTK, order_BLTK = weights_BLTK.float().sort(dim=-1, descending=True, stable=True)
+        weights_BLTK, order_BLTK = weights_BLTK.sort(dim=-1, descending=True, stable=True)
         ids_BLTK = ids_BLTK.gather(-1, order_BLTK)
 
         loss_B, accuracy_B = self._sample_losses(hidden_BTD, input_ids_BT, samples)
@@ -163,12 +172,11 @@ class RoutingRecorder:
         cols_N = np.arange(len(rows_N)) - np.repeat(np.cumsum(count_B) - count_B - first_B, count_B)
         rows_N, cols_N = torch.from_numpy(rows_N).to(self.device), torch.from_numpy(cols_N).to(self.device)
         targets_N = input_ids_BT[rows_N, cols_N + 1]
-        lm_head = self.model.get_output_embeddings()
         nll_N = torch.empty(len(rows_N), dtype=torch.float32, device=self.device)
         correct_N = torch.empty_like(nll_N)
         for start in range(0, len(rows_N), self.loss_chunk_tokens):
             chunk = slice(start, start + self.loss_chunk_tokens)
-            logits_NV = lm_head(hidden_BTD[rows_N[chunk], cols_N[chunk]]).float()
+            logits_NV = self.adapter.lm_logits(self.model, hidden_BTD[rows_N[chunk], cols_N[chunk]]).float()
             nll_N[chunk] = F.cross_entropy(logits_NV, targets_N[chunk], reduction="none")
             correct_N[chunk] = (logits_NV.argmax(-1) == targets_N[chunk]).float()
         count_B = torch.from_numpy(count_B).to(self.device, torch.float32)
@@ -177,8 +185,9 @@ class RoutingRecorder:
 
     def record(self, samples: Sequence[TokenizedSample], *, checkpoint: str, step: int) -> pa.Table:
         """The routing table of `samples` (rows in the given order)."""
-        batches = length_buckets([len(s.input_ids) for s in samples], max_tokens_per_batch=self.max_tokens_per_batch)
-        handles = [router.register_forward_hook(self._hook) for _, router in self.routers]
+        batches = length_buckets([len(s.input_ids) for s in samples], max_tokens_per_batch=self.max_tokens_per_batch,
+                                 equal_lengths=self.adapter.pad_free)
+        handles = [router.register_forward_hook(self._hook, with_kwargs=True) for _, router in self.routers]
         try:
             results = [self._record_batch([samples[i] for i in batch]) for batch in batches]
         finally:

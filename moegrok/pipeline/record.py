@@ -7,6 +7,7 @@ import ray
 import torch
 from safetensors.torch import save
 
+from moegrok.adapters import load_adapter
 from moegrok.checkpoints import CheckpointRef, load_checkpoint
 from moegrok.config import MonitorConfig
 from moegrok.pipeline.cluster import actor_options, init_ray
@@ -33,13 +34,14 @@ class RecordWorker(UnitWorker):
         model, self.tokenizer = load_checkpoint(ref, self.cfg.model, cache_dir=self.cfg.checkpoints.cache_dir,
                                                 device=self.device)
         rec = self.cfg.record
-        self.recorder = RoutingRecorder(model, max_tokens_per_batch=rec.max_tokens_per_batch,
+        adapter = load_adapter(self.cfg.model.adapter) if self.cfg.model.adapter else None  # imported here, per actor
+        self.recorder = RoutingRecorder(model, adapter=adapter, max_tokens_per_batch=rec.max_tokens_per_batch,
                                         loss_chunk_tokens=rec.loss_chunk_tokens, keep_input_ids=rec.keep_input_ids)
         self.name = ref.name
 
     def _checkpoint_weights(self) -> bytes:
         model = self.recorder.model
-        tensors = {"routers": router_weights(model).contiguous()}
+        tensors = {"routers": router_weights(model, adapter=self.recorder.adapter).contiguous()}
         num_residues = self.cfg.model.residue_tokens
         if num_residues:
             ids = self.tokenizer.convert_tokens_to_ids([str(i) for i in range(num_residues)])
@@ -69,7 +71,7 @@ def record_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef],
     """Record every (checkpoint, shard) unit not already done with the same inputs. Shard 0 of a
     checkpoint also writes its weights file."""
     settings = {f"model.{key}": getattr(cfg.model, key) for key in (
-        "dtype", "attn_implementation", "experts_implementation", "trust_remote_code", "residue_tokens")}
+        "dtype", "attn_implementation", "experts_implementation", "trust_remote_code", "residue_tokens", "adapter")}
     settings["record.keep_input_ids"] = cfg.record.keep_input_ids
     shard_prints = [tokens_fingerprint(shard) for shard in shards]
     units = []
