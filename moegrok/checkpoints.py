@@ -192,11 +192,40 @@ def check_local_dir(path: Path, name: str) -> None:
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise CheckpointError(f"checkpoint {name!r}: {path} has no *.safetensors weights")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            named = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {name!r}: unreadable {index.name} ({e})") from None
+        missing = sorted(named - {file.name for file in weights})
+        if missing:
+            raise CheckpointError(f"checkpoint {name!r}: {index.name} names missing shards {missing[:3]}")
     for file in weights:
         try:
             check_safetensors(file)
         except CheckpointError as e:
             raise CheckpointError(f"checkpoint {name!r}: {e}") from None
+
+
+def incomplete(ref: CheckpointRef) -> str | None:
+    """Why a checkpoint cannot be read yet (still being written: no config.json, missing or
+    truncated weights), or None when it is complete. Hub revisions are complete."""
+    if ref.kind == "hub":
+        return None
+    if ref.kind == "local":
+        try:
+            check_local_dir(Path(ref.uri.removeprefix("file://")), ref.name)
+        except CheckpointError as e:
+            return str(e)
+        return None
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(ref.uri)
+    names = {Path(info["name"]).name for info in fs.ls(root, detail=True)}
+    if "config.json" not in names or not any(name.endswith(".safetensors") for name in names):
+        return f"checkpoint {ref.name!r}: {ref.uri} has no config.json and *.safetensors yet"
+    return None
 
 
 def local_path(ref: CheckpointRef, *, cache_dir: str) -> Path:

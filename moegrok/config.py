@@ -281,6 +281,7 @@ class RecordConfig:
     num_actors: int = 1
     num_gpus: float = -1  # per actor; -1 = 1 when the cluster has GPUs, else 0
     num_cpus: float = 1
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor (node types)
     max_retries: int = 1  # retries of a failed unit before it goes to failures.parquet
 
     def __post_init__(self) -> None:
@@ -295,6 +296,8 @@ def _check_workers(section: str, cfg: RecordConfig | EvalConfig | TuneConfig) ->
     _check(cfg.num_gpus >= 0 or cfg.num_gpus == -1, f"{section}.num_gpus", cfg.num_gpus, ">= 0, or -1 (auto)")
     _check(cfg.num_cpus >= 0, f"{section}.num_cpus", cfg.num_cpus, ">= 0")
     _check(cfg.max_retries >= 0, f"{section}.max_retries", cfg.max_retries, ">= 0")
+    _check(all(amount >= 0 for amount in cfg.resources.values()), f"{section}.resources", cfg.resources,
+           "amounts >= 0")
 
 
 @dataclass
@@ -356,6 +359,7 @@ class EvalConfig:
     num_actors: int = 1
     num_gpus: float = -1  # per actor; -1 = tensor_parallel_size when the cluster has GPUs, else 0
     num_cpus: float = 1
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor (node types)
     code_timeout_s: float = 10.0
     max_retries: int = 1
 
@@ -392,6 +396,7 @@ class TuneConfig:
     num_actors: int = 1
     num_gpus: float = -1  # per actor; -1 = 1 when the cluster has GPUs, else 0
     num_cpus: float = 1
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor (node types)
     max_retries: int = 1
 
     def __post_init__(self) -> None:
@@ -436,6 +441,20 @@ class ClusterConfig:
 
 
 @dataclass
+class WatchConfig:
+    """Follow a pretraining run: sweep the checkpoints that are complete, wait, sweep again."""
+
+    enabled: bool = False
+    poll_s: float = 60.0  # wait between sweeps
+    timeout_s: float = 0.0  # stop after this long; 0 = only at the sentinel
+    sentinel: str = ""  # a file (relative to checkpoints.dir, or absolute) whose appearance ends the watch
+
+    def __post_init__(self) -> None:
+        _check(self.poll_s > 0, "watch.poll_s", self.poll_s, "> 0")
+        _check(self.timeout_s >= 0, "watch.timeout_s", self.timeout_s, ">= 0 (0 = no timeout)")
+
+
+@dataclass
 class MonitorConfig:
     run_dir: str = MISSING
     stage: Stage = Stage.all
@@ -449,9 +468,12 @@ class MonitorConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
 
     def __post_init__(self) -> None:
         self.stage = _choice(Stage, self.stage, "stage")
+        _check(not self.watch.enabled or bool(self.watch.sentinel or self.watch.timeout_s), "watch",
+               self.watch, "a watch.sentinel or a watch.timeout_s, or it never ends")
 
 
 # --------------------------------------------------------------------------- study

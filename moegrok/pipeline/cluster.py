@@ -10,7 +10,7 @@ from pathlib import Path
 
 import ray
 
-from moegrok.config import ClusterConfig
+from moegrok.config import ClusterConfig, EvalConfig, RecordConfig, TuneConfig
 from moegrok.errors import UserError
 from moegrok.pipeline.reaper import start_reaper
 
@@ -56,8 +56,8 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def actor_options(num_gpus: float, num_cpus: float, *, auto_gpus: float = 1) -> dict:
-    """Ray actor options; num_gpus < 0 means `auto_gpus` GPUs when the cluster has any, else 0."""
-    if num_gpus < 0:
-        num_gpus = auto_gpus if cluster_has_gpus() else 0
-    return {"num_gpus": num_gpus, "num_cpus": num_cpus}
+def actor_options(workers: RecordConfig | EvalConfig | TuneConfig, *, auto_gpus: float = 1) -> dict:
+    """Ray actor options of a stage's workers; num_gpus < 0 means `auto_gpus` GPUs when the
+    cluster has any, else 0."""
+    num_gpus = workers.num_gpus if workers.num_gpus >= 0 else (auto_gpus if cluster_has_gpus() else 0)
+    return {"num_gpus": num_gpus, "num_cpus": workers.num_cpus, "resources": dict(workers.resources)}

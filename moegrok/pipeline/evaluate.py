@@ -89,7 +89,7 @@ def evaluate_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -
     def executor(todo: list[Unit]) -> ActorPool:
         init_ray(cfg.cluster)
         gpus_per_engine = cfg.eval.tensor_parallel_size if cfg.eval.engine != Engine.hf else 1
-        options = actor_options(cfg.eval.num_gpus, cfg.eval.num_cpus, auto_gpus=gpus_per_engine)
+        options = actor_options(cfg.eval, auto_gpus=gpus_per_engine)
         return ActorPool(EvalWorker, cfg, ray.put(benchmarks), options=options, num_actors=cfg.eval.num_actors,
                          max_retries=cfg.eval.max_retries)
 

@@ -90,7 +90,7 @@ def record_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef],
         for unit in todo:
             unit.payload["samples"] = shard_refs[unit.payload["shard"]]
         return ActorPool(RecordWorker, cfg, str(run.root), num_actors=cfg.record.num_actors,
-                         options=actor_options(cfg.record.num_gpus, cfg.record.num_cpus),
+                         options=actor_options(cfg.record),
                          max_retries=cfg.record.max_retries)
 
     return run_stage("record", units, executor, progress=cfg.progress)

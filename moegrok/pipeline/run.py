@@ -16,6 +16,7 @@ from moegrok.checkpoints import (
     build_catalog,
     catalog_frame,
     content_key,
+    incomplete,
     local_path,
     refs_from_frame,
 )
@@ -94,12 +95,24 @@ def prepare_samples(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) 
 
 
 def _catalog(cfg: MonitorConfig, run: RunDir, stages: list[Stage]) -> list[CheckpointRef]:
-    """The checkpoints, each with a key of its current content (so replaced weights re-run)."""
-    if {Stage.record, Stage.tune, Stage.evaluate} & set(stages) or not run.catalog.exists():
-        refs = [dataclasses.replace(ref, content=content_key(ref)) for ref in build_catalog(cfg.checkpoints)]
-        write_parquet(catalog_frame(refs), run.catalog)
-        return refs
-    return refs_from_frame(pd.read_parquet(run.catalog))
+    """The checkpoints, each with a key of its current content (so replaced weights re-run). While
+    watching, a checkpoint still being written is left for the next round."""
+    if not ({Stage.record, Stage.tune, Stage.evaluate} & set(stages) or not run.catalog.exists()):
+        return refs_from_frame(pd.read_parquet(run.catalog))
+    try:
+        refs = build_catalog(cfg.checkpoints)
+    except CheckpointError:
+        if cfg.watch.enabled and cfg.checkpoints.dir and Path(cfg.checkpoints.dir).is_dir():
+            return []  # no checkpoint written yet
+        raise
+    if cfg.watch.enabled:
+        waiting = {ref.name: reason for ref in refs if (reason := incomplete(ref))}
+        if waiting:
+            print(f"waiting for {len(waiting)} checkpoint(s) still being written: {', '.join(waiting)}")
+        refs = [ref for ref in refs if ref.name not in waiting]
+    refs = [dataclasses.replace(ref, content=content_key(ref)) for ref in refs]
+    write_parquet(catalog_frame(refs), run.catalog)
+    return refs
 
 
 def run_monitor(cfg: MonitorConfig, stages: list[Stage] | None = None) -> int:
@@ -127,6 +140,9 @@ def run_monitor(cfg: MonitorConfig, stages: list[Stage] | None = None) -> int:
 def _run_stages(cfg: MonitorConfig, run: RunDir, stages: list[Stage]) -> int:
     refs = _catalog(cfg, run, stages)
     write_text(config_yaml(cfg), run.config)
+    if not refs:
+        print("no complete checkpoint yet")
+        return 0
     results: list[StageResult] = []
     for stage in stages:
         if stage == Stage.analyze and not (run.accuracy.exists() and run.metrics.exists()):
@@ -155,6 +171,25 @@ def _run_stages(cfg: MonitorConfig, run: RunDir, stages: list[Stage]) -> int:
     if failed:
         print(f"\n{failed} unit(s) failed; see {run.failures}")
     return 1 if failed else 0
+
+
+def watch(cfg: MonitorConfig) -> int:
+    """Sweep the complete checkpoints, wait `watch.poll_s`, sweep again, until the sentinel file
+    appears or `watch.timeout_s` passes (then one last sweep). Every round recomputes only what
+    is new. Returns the worst exit status of the rounds."""
+    sentinel = Path(cfg.watch.sentinel) if cfg.watch.sentinel else None
+    if sentinel is not None and not sentinel.is_absolute() and cfg.checkpoints.dir:
+        sentinel = Path(cfg.checkpoints.dir) / sentinel
+    deadline = time.monotonic() + cfg.watch.timeout_s if cfg.watch.timeout_s else float("inf")
+    status, rounds = 0, 0
+    while True:
+        last = (sentinel is not None and sentinel.exists()) or time.monotonic() >= deadline
+        rounds += 1
+        print(f"watch: round {rounds}" + (" (the last)" if last else ""), flush=True)
+        status = max(status, run_monitor(cfg))
+        if last:
+            return status
+        time.sleep(cfg.watch.poll_s)
 
 
 def _stop_if_disk_full(result: StageResult) -> None:

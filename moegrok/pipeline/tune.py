@@ -71,7 +71,7 @@ def tune_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> St
 
     def executor(todo: list[Unit]) -> ActorPool:
         init_ray(cfg.cluster)
-        return ActorPool(TuneWorker, cfg, ray.put(pairs), options=actor_options(cfg.tune.num_gpus, cfg.tune.num_cpus),
+        return ActorPool(TuneWorker, cfg, ray.put(pairs), options=actor_options(cfg.tune),
                          num_actors=cfg.tune.num_actors, max_retries=cfg.tune.max_retries)
 
     result = run_stage("tune", units, executor, progress=cfg.progress)
