@@ -93,6 +93,11 @@ class TuneMethod(StrEnum):
     lora = "lora"
 
 
+class Storage(StrEnum):
+    tokens = "tokens"  # every token's top-k ids and weights
+    compact = "compact"  # per sample the token-averaged weights (L x E); tokens for a subset only
+
+
 class SampleSet(StrEnum):
     memorized = "memorized"
     all = "all"
@@ -278,6 +283,8 @@ class RecordConfig:
     max_tokens_per_batch: int = 16384
     loss_chunk_tokens: int = 4096
     keep_input_ids: bool = True  # the input_ids column (vocabulary specialization needs it)
+    storage: Storage = Storage.tokens  # compact: a fraction of the bytes (README "Scale")
+    token_samples_per_group: int = 64  # compact: samples per group that keep token-level routing
     num_actors: int = 1
     num_gpus: float = -1  # per actor; -1 = 1 when the cluster has GPUs, else 0
     num_cpus: float = 1
@@ -285,6 +292,9 @@ class RecordConfig:
     max_retries: int = 1  # retries of a failed unit before it goes to failures.parquet
 
     def __post_init__(self) -> None:
+        self.storage = _choice(Storage, self.storage, "record.storage")
+        _check(self.token_samples_per_group >= 0, "record.token_samples_per_group", self.token_samples_per_group,
+               ">= 0")
         _check_workers("record", self)
         _check(self.max_tokens_per_batch > 0, "record.max_tokens_per_batch", self.max_tokens_per_batch, "> 0")
         _check(self.loss_chunk_tokens > 0, "record.loss_chunk_tokens", self.loss_chunk_tokens, "> 0")

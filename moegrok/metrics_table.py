@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from moegrok.pathways import VARIANT_COLUMNS, group_metrics, sample_features
+from moegrok.pathways import VARIANT_COLUMNS, group_metrics, positions_suffix, sample_features
 
 SHARED_METRICS = {"num_samples", "num_pairs", "pairs"}  # the same for every position variant
 
@@ -28,16 +28,12 @@ def loss_stats(losses: pd.Series) -> dict[str, float]:
     }
 
 
-def suffix(positions: str) -> str:
-    return "" if positions == "all" else f"_{positions}"
-
-
 def checkpoint_features(rows: pa.Table, routers_LED: np.ndarray, *, threshold: float,
                         positions: list[str]) -> pd.DataFrame:
     """Per-sample features of one checkpoint's routing rows, every position variant side by side."""
     merged = None
     for variant in positions:
-        end = suffix(variant)
+        end = positions_suffix(variant)
         features = sample_features(rows, routers_LED, threshold=threshold, positions=variant,
                                    shape=routers_LED.shape[:2])
         features = features.rename(columns={c: c + end for c in VARIANT_COLUMNS})
@@ -51,7 +47,7 @@ def checkpoint_features(rows: pa.Table, routers_LED: np.ndarray, *, threshold: f
 
 def variant_metrics(features: pd.DataFrame, positions: str, *, max_pairs: int, seed: int,
                     per_layer: bool = True) -> dict:
-    end = suffix(positions)
+    end = positions_suffix(positions)
     renamed = features[["sample_id", *(c + end for c in VARIANT_COLUMNS)]].rename(
         columns={c + end: c for c in VARIANT_COLUMNS})
     metrics = group_metrics(renamed, max_pairs=max_pairs, seed=seed, per_layer=per_layer)

@@ -106,6 +106,34 @@ SAMPLE_COLUMNS = [
 ]
 
 
+MEAN_WEIGHTS = "mean_weights"  # compact routing tables store g (L*E per sample) under this name + suffix
+
+
+def positions_suffix(positions: str) -> str:
+    """Columns of a positions variant other than "all" carry its name as a suffix."""
+    return "" if positions == "all" else f"_{positions}"
+
+
+def sample_mean_weights(table: pa.Table, *, positions: str, num_layers: int, num_experts: int) -> np.ndarray:
+    """g (N, L, E) of every row: stored in a compact table, else averaged from its tokens' top-k."""
+    column = MEAN_WEIGHTS + positions_suffix(positions)
+    if column in table.column_names:
+        values = table[column].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return values.astype(np.float64).reshape(table.num_rows, num_layers, num_experts)
+    ids_col = table["topk_ids"].combine_chunks()
+    ids_flat = ids_col.flatten().to_numpy()
+    weights_flat = table["topk_weights"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    offsets = ids_col.offsets.to_numpy() - ids_col.offsets.to_numpy()[0]
+    num_tokens, num_prompt = table["num_tokens"].to_numpy(), table["num_prompt_tokens"].to_numpy()
+    g_NLE = np.zeros((table.num_rows, num_layers, num_experts))
+    for i in range(table.num_rows):
+        span = slice(offsets[i], offsets[i + 1])
+        g_NLE[i] = mean_layer_weights(ids_flat[span], weights_flat[span], num_tokens=int(num_tokens[i]),
+                                      num_prompt_tokens=int(num_prompt[i]), num_layers=num_layers,
+                                      num_experts=num_experts, positions=positions)
+    return g_NLE
+
+
 def sample_features(
     table: pa.Table,
     routers_LED: np.ndarray | None,
@@ -119,23 +147,11 @@ def sample_features(
     `shape` = (num_layers, num_experts), read from the table's schema metadata if not given."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"metrics.threshold={threshold!r}: expected a number in (0, 1)")
+    if positions not in POSITIONS:
+        raise ValueError(f"metrics.positions={positions!r}: expected one of {POSITIONS}")
     num_layers, num_experts = shape if shape is not None else routing_shape(table)[:2]
-    columns = table.select(["num_tokens", "num_prompt_tokens", "topk_ids", "topk_weights"])
-    ids_offsets = columns["topk_ids"].combine_chunks()
-    weights_col = columns["topk_weights"].combine_chunks()
-    ids_flat = ids_offsets.flatten().to_numpy()
-    weights_flat = weights_col.flatten().to_numpy(zero_copy_only=False)
-    offsets = ids_offsets.offsets.to_numpy()
-    num_tokens = columns["num_tokens"].to_numpy()
-    num_prompt = columns["num_prompt_tokens"].to_numpy()
     rows = []
-    for i in range(table.num_rows):
-        span = slice(offsets[i] - offsets[0], offsets[i + 1] - offsets[0])
-        g_LE = mean_layer_weights(
-            ids_flat[span], weights_flat[span], num_tokens=int(num_tokens[i]),
-            num_prompt_tokens=int(num_prompt[i]), num_layers=num_layers, num_experts=num_experts,
-            positions=positions,
-        )
+    for g_LE in sample_mean_weights(table, positions=positions, num_layers=num_layers, num_experts=num_experts):
         layers = kept_experts(g_LE, threshold=threshold)
         mean_cos, c_value = (float("nan"), float("nan")) if routers_LED is None else consistency(g_LE, routers_LED)
         rows.append(

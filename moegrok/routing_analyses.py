@@ -87,11 +87,13 @@ def token_statistics(ids_LNK: np.ndarray, *, num_experts: int, reference_LNK: np
     if reference_LNK is not None:
         if ids_LNK.shape != reference_LNK.shape:
             raise ValueError(f"tokens do not line up: {ids_LNK.shape} vs reference {reference_LNK.shape}")
-        # per-layer shares over these tokens, weighted by their count so that shards add up
-        shared_L = np.array([_shared_count(ids_NK, ref_NK) / ids_NK.size
-                             for ids_NK, ref_NK in zip(ids_LNK, reference_LNK, strict=True)])
-        stats["saturation_sum"] = shared_L * num_tokens
-        stats["top1_sum"] = (ids_LNK[..., 0] == reference_LNK[..., 0]).mean(axis=1) * num_tokens
+        if num_tokens == 0:  # e.g. a shard none of whose samples keep token-level routing
+            stats["saturation_sum"] = stats["top1_sum"] = np.zeros(ids_LNK.shape[0])
+        else:  # per-layer shares over these tokens, weighted by their count so that shards add up
+            shared_L = np.array([_shared_count(ids_NK, ref_NK) / ids_NK.size
+                                 for ids_NK, ref_NK in zip(ids_LNK, reference_LNK, strict=True)])
+            stats["saturation_sum"] = shared_L * num_tokens
+            stats["top1_sum"] = (ids_LNK[..., 0] == reference_LNK[..., 0]).mean(axis=1) * num_tokens
     if input_ids_N is not None:
         stats["vocab_pairs"] = _vocab_pairs(ids_LNK, input_ids_N, num_experts)
     if with_coactivation:

@@ -172,3 +172,29 @@ def test_joining_a_cluster_that_does_not_answer_fails_at_once():
         os.environ.pop("RAY_ADDRESS")
         if environment is not None:
             os.environ["RAY_ADDRESS"] = environment
+
+
+def test_compact_storage_gives_the_token_level_metrics(zoo, tmp_path, ray_cluster):
+    """(Its bytes are measured at OLMoE's shape in benchmarks/storage.py: on the toy's 5-9 token
+    samples the per-sample weights are not smaller than the tokens.)"""
+    runs = {}
+    for storage in ("tokens", "compact"):
+        cfg = monitor_config(zoo, tmp_path / storage, eval__enabled=False)
+        cfg.record.storage, cfg.record.token_samples_per_group = storage, 4
+        cfg.metrics.positions = ["all", "answer"]
+        assert run_monitor(cfg) == 0
+        runs[storage] = RunDir(cfg.run_dir)
+    features = {name: pd.read_parquet(run.sample_metrics).sort_values(["step", "sample_id"], ignore_index=True)
+                for name, run in runs.items()}
+    for column in ("pathway", "pathway_answer", "pathway_length", "pathway_length_answer", "loss"):
+        pd.testing.assert_series_equal(features["compact"][column], features["tokens"][column])
+    for column in ("mean_cos", "mean_cos_answer"):  # g is stored in float32
+        pd.testing.assert_series_equal(features["compact"][column], features["tokens"][column], rtol=1e-5)
+    metrics = {name: pd.read_parquet(run.metrics) for name, run in runs.items()}
+    for column in ("pathway_distance", "pathway_distance_answer", "pathway_distance_chars", "pathway_length"):
+        pd.testing.assert_series_equal(metrics["compact"][column], metrics["tokens"][column])
+    compact = pd.concat(map(pd.read_parquet, sorted((runs["compact"].root / "routing" / "step3").glob("*.parquet"))))
+    kept = compact[compact["topk_ids"].notna()]
+    assert kept.groupby("group").size().to_dict() == {"add": 4, "mul": 4}  # 4 samples of each group keep tokens
+    analyses = pd.read_parquet(runs["compact"].routing_analyses)  # computed on the token subset
+    assert analyses["saturation"].notna().all() and set(analyses["group"]) == {"*", "add", "mul"}

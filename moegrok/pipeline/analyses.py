@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from moegrok.checkpoints import CheckpointRef
+from moegrok.compact import token_rows
 from moegrok.config import MonitorConfig
 from moegrok.pathways import routing_shape
 from moegrok.pipeline.runner import Unit
@@ -37,9 +38,9 @@ def compute_analyses(unit: Unit, *, vocab_min_count: int) -> dict:
     per_group: dict[str, list] = {}
     num_layers = num_experts = top_k = 0
     for path, reference_path in unit.payload["shards"]:
-        table = pq.read_table(path)
+        table = token_rows(pq.read_table(path))  # compact tables keep tokens for a subset only
         num_layers, num_experts, top_k = routing_shape(table)
-        reference = pq.read_table(reference_path) if reference_path else None
+        reference = token_rows(pq.read_table(reference_path)) if reference_path else None
         stats = shard_statistics(table, reference, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
                                  with_coactivation=is_reference)
         for group, group_stats in stats.items():

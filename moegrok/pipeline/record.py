@@ -9,7 +9,8 @@ from safetensors.torch import save
 
 from moegrok.adapters import load_adapter
 from moegrok.checkpoints import CheckpointRef, load_checkpoint
-from moegrok.config import MonitorConfig
+from moegrok.compact import compact_table
+from moegrok.config import MonitorConfig, Storage
 from moegrok.pipeline.cluster import actor_options, init_ray
 from moegrok.pipeline.runner import ActorPool, StageResult, Unit, UnitWorker, run_stage
 from moegrok.routing import RoutingRecorder, input_embeddings, router_weights
@@ -56,6 +57,9 @@ class RecordWorker(UnitWorker):
         self._load(ref)
         samples: list[TokenizedSample] = ray.get(unit.payload["samples"])
         table = self.recorder.record(samples, checkpoint=ref.name, step=ref.step)
+        if self.cfg.record.storage == Storage.compact:
+            table = compact_table(table, positions=[str(p) for p in self.cfg.metrics.positions],
+                                  keep_tokens=unit.payload["keep_tokens"])
         if unit.payload["with_weights"]:
             write_bytes(self._checkpoint_weights(), self.run.checkpoint_weights(ref.name))
         write_parquet(table, unit.output)
@@ -66,6 +70,18 @@ def tokens_fingerprint(shard: list[TokenizedSample]) -> str:
     return fingerprint([(s.sample_id, s.group, s.num_prompt_tokens, s.input_ids.tobytes().hex()) for s in shard])
 
 
+def token_samples(shards: list[list[TokenizedSample]], *, per_group: int) -> set[str]:
+    """The samples whose token-level routing a compact table keeps: the first `per_group` of each
+    group in sample order (the same in every checkpoint, so the routing analyses line up)."""
+    counts: dict[str, int] = {}
+    keep = set()
+    for sample in (s for shard in shards for s in shard):
+        if counts.get(sample.group, 0) < per_group:
+            counts[sample.group] = counts.get(sample.group, 0) + 1
+            keep.add(sample.sample_id)
+    return keep
+
+
 def record_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef],
                  shards: list[list[TokenizedSample]]) -> StageResult:
     """Record every (checkpoint, shard) unit not already done with the same inputs. Shard 0 of a
@@ -73,6 +89,11 @@ def record_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef],
     settings = {f"model.{key}": getattr(cfg.model, key) for key in (
         "dtype", "attn_implementation", "experts_implementation", "trust_remote_code", "residue_tokens", "adapter")}
     settings["record.keep_input_ids"] = cfg.record.keep_input_ids
+    settings["record.storage"] = cfg.record.storage
+    keep = token_samples(shards, per_group=cfg.record.token_samples_per_group)
+    if cfg.record.storage == Storage.compact:  # what the compact table holds depends on these too
+        settings["metrics.positions"] = [str(p) for p in cfg.metrics.positions]
+        settings["record.token_samples_per_group"] = cfg.record.token_samples_per_group
     shard_prints = [tokens_fingerprint(shard) for shard in shards]
     units = []
     for ref in refs:
@@ -81,7 +102,8 @@ def record_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef],
         units += [Unit(f"{ref.name}/shard{index:05d}", ref.name, run.routing_shard(ref.name, index),
                        {"checkpoint": ref.identity, "checkpoint content": ref.content,
                         "samples": shard_prints[index], **settings},
-                       payload={"ref": ref, "shard": index, "with_weights": index == 0})
+                       payload={"ref": ref, "shard": index, "with_weights": index == 0,
+                                "keep_tokens": [s.sample_id for s in shards[index] if s.sample_id in keep]})
                   for index in range(len(shards)) if shards[index]]
 
     def executor(todo: list[Unit]) -> ActorPool:

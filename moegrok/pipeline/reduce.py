@@ -105,12 +105,14 @@ def _tasks(cfg: MonitorConfig):
 
 
 def _combine(stage: str, results: list[StageResult]) -> StageResult:
+    """One result for the stage; a failure names its part ("features step0/shard00001")."""
     combined = StageResult(stage)
     for result in results:
         combined.units += result.units
         combined.skipped += result.skipped
         combined.done += result.done
-        combined.failures += result.failures
+        part = result.stage.removeprefix(f"{stage} ")
+        combined.failures += [{**row, "stage": stage, "unit": f"{part} {row['unit']}"} for row in result.failures]
     return combined
 
 
