@@ -333,7 +333,9 @@ class MetricsConfig:
     seed: int = 0
     # the OLMoE paper's routing analyses (saturation, co-activation, specialization, load)
     routing_analyses: bool = True
-    saturation_reference: str | None = None  # checkpoint name; None = the last one
+    # saturation is always measured against the previous checkpoint (a monitor); and against this
+    # one: "last" (the paper's form; retrospective), a checkpoint name, or "none"
+    saturation_reference: str = "last"
     vocab_min_count: int = 10  # token ids seen fewer times are left out of vocabulary specialization
     memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
 

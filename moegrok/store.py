@@ -240,6 +240,7 @@ class RunDir:
         self.correlations = self.root / "correlations.parquet"
         self.onsets = self.root / "onsets.parquet"
         self.failures = self.root / "failures.parquet"
+        self.stages = self.root / "stages.parquet"  # the last invocation's per-stage summary
         self.report = self.root / "report.html"
         self.figures = self.root / "figures"
 

@@ -7,13 +7,16 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from moegrok.errors import UserError
 from moegrok.pipeline import run_monitor
 from moegrok.pipeline.cluster import check_reachable
+from moegrok.routing_analyses import token_arrays
 from moegrok.store import RunDir, read_tags, write_parquet
 from tests.helpers import monitor_config
+from tests.test_routing_analyses import ref_saturation
 
 STAGES = ["record", "reduce", "evaluate", "analyze", "report"]
 
@@ -198,3 +201,21 @@ def test_compact_storage_gives_the_token_level_metrics(zoo, tmp_path, ray_cluste
     assert kept.groupby("group").size().to_dict() == {"add": 4, "mul": 4}  # 4 samples of each group keep tokens
     analyses = pd.read_parquet(runs["compact"].routing_analyses)  # computed on the token subset
     assert analyses["saturation"].notna().all() and set(analyses["group"]) == {"*", "add", "mul"}
+
+
+def test_saturation_against_the_previous_checkpoint_needs_no_later_one(zoo, tmp_path, ray_cluster):
+    cfg = monitor_config(zoo, tmp_path / "run", eval__enabled=False)
+    assert run_monitor(cfg) == 0
+    run = RunDir(cfg.run_dir)
+    layers = pd.read_parquet(run.routing_analyses).query("group == '*'").set_index(["checkpoint", "layer"])
+    assert layers.loc["step0", "saturation_previous"].isna().all()  # nothing before the first checkpoint
+    tables = {name: pd.concat(map(pd.read_parquet, sorted((run.root / "routing" / name).glob("*.parquet"))))
+              for name in ("step3", "step6")}
+    arrays = {name: token_arrays(pa.Table.from_pandas(table, preserve_index=False), num_layers=2, top_k=2)[2]
+              for name, table in tables.items()}
+    previous, _ = ref_saturation(arrays["step6"], arrays["step3"])  # the direct form, step6 against step3
+    final, _ = ref_saturation(arrays["step3"], arrays["step6"])  # and step3 against the last checkpoint
+    assert layers.loc["step6", "saturation_previous"].to_numpy() == pytest.approx(previous)
+    assert layers.loc["step3", "saturation"].to_numpy() == pytest.approx(final)
+    metrics = pd.read_parquet(run.metrics)
+    assert {"router_saturation", "router_saturation_previous", "top1_previous"} <= set(metrics.columns)

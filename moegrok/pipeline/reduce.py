@@ -111,6 +111,7 @@ def _combine(stage: str, results: list[StageResult]) -> StageResult:
         combined.units += result.units
         combined.skipped += result.skipped
         combined.done += result.done
+        combined.bytes_received += result.bytes_received
         part = result.stage.removeprefix(f"{stage} ")
         combined.failures += [{**row, "stage": stage, "unit": f"{part} {row['unit']}"} for row in result.failures]
     return combined
@@ -175,11 +176,16 @@ def reduce_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef], num
     results.append(run_stage("reduce metrics", metric_units, tasks(functools.partial(
         compute_metrics, positions=positions, max_pairs=metrics_cfg.max_pairs, seed=metrics_cfg.seed)),
         progress=cfg.progress))
-    analysis_units = []
+    analysis_units: dict[str, list[Unit]] = {"analyses": [], "saturation": [], "reference": []}
     if metrics_cfg.routing_analyses:
-        analysis_units = analyses.analysis_units(cfg, run, refs, recorded, parts / "analyses")
-        results.append(run_stage("reduce analyses", analysis_units, tasks(functools.partial(
-            analyses.compute_analyses, vocab_min_count=metrics_cfg.vocab_min_count)), progress=cfg.progress))
+        analysis_units = analyses.analysis_units(cfg, run, refs, recorded, parts)
+        computes = {"analyses": functools.partial(analyses.compute_analyses,
+                                                  vocab_min_count=metrics_cfg.vocab_min_count),
+                    "saturation": functools.partial(analyses.compute_saturation,
+                                                    vocab_min_count=metrics_cfg.vocab_min_count),
+                    "reference": analyses.compute_reference}
+        for kind, compute in computes.items():
+            results.append(run_stage(f"reduce {kind}", analysis_units[kind], tasks(compute), progress=cfg.progress))
     result = _combine("reduce", results)
     if not _publish(run, cfg, memorized, metric_units, analysis_units, memorized_units):
         result.failures.append(failure_row("reduce", "*", "NothingToReduce",
@@ -206,12 +212,12 @@ def _finished(units: list[Unit]) -> list[pd.DataFrame]:
 
 
 def _publish(run: RunDir, cfg: MonitorConfig, memorized: pd.DataFrame, metric_units: list[Unit],
-             analysis_units: list[Unit], memorized_units: list[Unit]) -> bool:
+             analysis_units: dict[str, list[Unit]], memorized_units: list[Unit]) -> bool:
     """Write the reduce's tables from the finished parts, every one tagged with the same
     fingerprint of the parts (analyze refuses to mix tables of two reduces); skipped when the
     tables already hold these parts. False when no checkpoint has metrics."""
-    done = [u.fingerprint for u in [*memorized_units, *metric_units, *analysis_units]
-            if done_fingerprint(u.output) == u.fingerprint]
+    every = [*memorized_units, *metric_units, *(u for units in analysis_units.values() for u in units)]
+    done = [u.fingerprint for u in every if done_fingerprint(u.output) == u.fingerprint]
     tags = {"reduce": fingerprint(sorted(done)), "config": config_yaml(cfg)}
     paths = [run.metrics, run.memorized, run.routing_analyses, run.coactivation, run.domain_specialization]
     if all(read_tags(path).get("reduce") == tags["reduce"] for path in paths):
@@ -225,8 +231,8 @@ def _publish(run: RunDir, cfg: MonitorConfig, memorized: pd.DataFrame, metric_un
               for step in metrics["step"].unique()}
     metrics.insert(4, "num_memorized", [counts.get((g, s), 0)
                                         for g, s in zip(metrics["group"], metrics["step"], strict=True)])
-    tables = analyses.assemble_analyses(analysis_units, _finished(analysis_units))
-    if analysis_units:
+    tables = analyses.assemble_analyses(analysis_units, _finished)
+    if analysis_units["analyses"]:
         metrics = metrics.merge(tables["means"], on=["checkpoint", "group"], how="left")
     write_parquet(metrics.sort_values(["step", "checkpoint", "group", "sample_set"], ignore_index=True), run.metrics,
                   tags=tags)

@@ -158,6 +158,7 @@ def _run_stages(cfg: MonitorConfig, run: RunDir, stages: list[Stage]) -> int:
         _stop_if_disk_full(result)
     table = pd.DataFrame([result.summary() for result in results])
     print("\nmoegrok sweep summary (" + str(run.root) + ")\n" + table.to_string(index=False))
+    write_parquet(table.assign(bytes_received=[result.bytes_received for result in results]), run.stages)
     if run.correlations.exists() and Stage.report in stages:
         correlations = pd.read_parquet(run.correlations)
         if len(correlations) and correlations["spearman"].notna().any():

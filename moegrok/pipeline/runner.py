@@ -11,6 +11,7 @@ the live cluster, and a task pool for stateless units (reduce).
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -49,6 +50,7 @@ class StageResult:
     failures: list[dict] = field(default_factory=list)
     receipts: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    bytes_received: int = 0  # what the workers sent the driver (pickled receipts): no data, only receipts
 
     @property
     def failed(self) -> int:
@@ -101,6 +103,7 @@ def run_stage(stage: str, units: list[Unit], make_executor: Callable[[list[Unit]
         invalidate(unit.output)
     with tqdm(total=len(todo), desc=stage, disable=not progress or not todo, unit="unit") as bar:
         for unit, receipt in make_executor(todo)(todo) if todo else ():
+            result.bytes_received += len(pickle.dumps(receipt))
             if receipt["ok"]:
                 result.done += 1
                 result.receipts.append({"unit": unit.name, **receipt})
