@@ -219,3 +219,21 @@ def test_saturation_against_the_previous_checkpoint_needs_no_later_one(zoo, tmp_
     assert layers.loc["step3", "saturation"].to_numpy() == pytest.approx(final)
     metrics = pd.read_parquet(run.metrics)
     assert {"router_saturation", "router_saturation_previous", "top1_previous"} <= set(metrics.columns)
+
+
+def test_an_item_without_a_score_is_a_failure_row_and_the_others_count(tmp_path):
+    from moegrok.checkpoints import CheckpointRef
+    from moegrok.pipeline.evaluate import write_accuracy
+    from moegrok.store import mark_done
+
+    run = RunDir(tmp_path)
+    items = pd.DataFrame({"id": ["a", "b", "c"], "group": "add", "kind": "code", "prediction": "",
+                          "score": [1.0, float("nan"), 0.0], "score_norm": [1.0, float("nan"), 0.0],
+                          "error": [None, "RuntimeError: the sandbox could not start", None], "metrics": "{}"})
+    path = run.eval_items("step1", "humaneval")
+    write_parquet(items, path)
+    mark_done(path, {"checkpoint": "step1"})
+    accuracy, failures = write_accuracy(run, [CheckpointRef("step1", 1, None, "x")], ["humaneval"])
+    assert [(f["unit"], f["error_type"]) for f in failures] == [("step1/humaneval/b", "ItemError")]
+    assert "the sandbox could not start" in failures[0]["message"]
+    assert accuracy[["accuracy", "n", "num_errors"]].values.tolist() == [[0.5, 2, 1]]
