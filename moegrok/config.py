@@ -23,7 +23,8 @@ class ConfigError(UserError):
 
 def _check(ok: bool, key: str, value: object, expected: str) -> None:
     if not ok:
-        raise ConfigError(f"config key {key}={value!r}: expected {expected}")
+        shown = str(value) if isinstance(value, StrEnum) else value  # 'memorized', not <SampleSet.memorized: ...>
+        raise ConfigError(f"config key {key}={shown!r}: expected {expected}")
 
 
 def as_plain(cfg: object) -> dict:
@@ -331,6 +332,9 @@ class MetricsConfig:
     positions: list[Positions] = field(default_factory=lambda: [Positions.all])
     max_pairs: int = 2_000_000  # exact all pairs up to this many, then a seeded sample of pairs
     seed: int = 0
+    # metrics of all samples, and of the samples memorized by each checkpoint (the paper's loss
+    # rule: retrospective, it needs the last checkpoint, so a new checkpoint recomputes them)
+    sample_sets: list[SampleSet] = field(default_factory=lambda: [SampleSet.all, SampleSet.memorized])
     # the OLMoE paper's routing analyses (saturation, co-activation, specialization, load)
     routing_analyses: bool = True
     # saturation is always measured against the previous checkpoint (a monitor); and against this
@@ -342,6 +346,8 @@ class MetricsConfig:
     def __post_init__(self) -> None:
         _check(0.0 < self.threshold < 1.0, "metrics.threshold", self.threshold, "a number in (0, 1)")
         self.positions = [_choice(Positions, p, "metrics.positions") for p in self.positions]
+        self.sample_sets = [_choice(SampleSet, s, "metrics.sample_sets") for s in self.sample_sets]
+        _check(SampleSet.all in self.sample_sets, "metrics.sample_sets", self.sample_sets, "a list with all")
         _check(len(self.positions) > 0 and len(set(self.positions)) == len(self.positions), "metrics.positions",
                self.positions, "a non-empty list of distinct positions")
         _check(self.vocab_min_count >= 1, "metrics.vocab_min_count", self.vocab_min_count, ">= 1")
@@ -484,6 +490,8 @@ class MonitorConfig:
 
     def __post_init__(self) -> None:
         self.stage = _choice(Stage, self.stage, "stage")
+        _check(self.analysis.sample_set in self.metrics.sample_sets, "analysis.sample_set", self.analysis.sample_set,
+               f"one of metrics.sample_sets={[str(s) for s in self.metrics.sample_sets]}")
         _check(not self.watch.enabled or bool(self.watch.sentinel or self.watch.timeout_s), "watch",
                self.watch, "a watch.sentinel or a watch.timeout_s, or it never ends")
 

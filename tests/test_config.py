@@ -94,6 +94,8 @@ def test_bad_values_fail_at_start_up_naming_the_key():
         to_object("monitor", ["eval.max_new_tokens=0"])
     with pytest.raises(ValueError, match="thresholds"):
         to_object("study", ["thresholds=[0.5,1.5]"])
+    with pytest.raises(ValueError, match=r"analysis.sample_set='memorized': expected one of metrics.sample_sets"):
+        to_object("monitor", ["metrics.sample_sets=[all]", "analysis.sample_set=memorized"])
 
 
 def test_tuned_experiments_turn_the_tune_stage_on():

@@ -153,14 +153,15 @@ def reduce_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef], num
                             {"features": sorted(u.fingerprint for u in every_feature), "group": group,
                              "metrics.memorization": as_plain(memo)},
                             payload={"group": group, "features": [str(u.output) for u in every_feature]})
-                       for index, group in enumerate(groups)]
+                       for index, group in enumerate(groups) if SampleSet.memorized in metrics_cfg.sample_sets]
     results.append(run_stage("reduce memorized", memorized_units,
                              tasks(functools.partial(compute_memorized, memo=memo)), progress=False))
     memorized = _finished(memorized_units)
-    if len(memorized) < len(memorized_units):  # no memorized set: metrics of all samples only
-        memorized, sample_sets = pd.DataFrame({"sample_id": [], "group": [], "memorized_since": []}), [SampleSet.all]
-    else:
-        memorized, sample_sets = pd.concat(memorized, ignore_index=True), list(SampleSet)
+    sample_sets = [SampleSet.all]
+    if memorized_units and len(memorized) == len(memorized_units):
+        memorized, sample_sets = pd.concat(memorized, ignore_index=True), [SampleSet.all, SampleSet.memorized]
+    else:  # not asked for, or a group's unit failed: metrics of all samples only
+        memorized = pd.DataFrame({"sample_id": [], "group": [], "eps": [], "memorized_since": []})
     memorized_prints = _memorized_prints(memorized, [ref.step for ref in refs])
 
     settings = {"metrics.positions": positions, "metrics.max_pairs": metrics_cfg.max_pairs,
