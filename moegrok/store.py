@@ -65,11 +65,13 @@ def write_text(text: str, path: str | Path) -> None:
 
 
 def _plain_type(dtype: pa.DataType) -> pa.DataType:
-    """string for large_string (pandas' str dtype converts to it), also inside lists."""
+    """string for large_string (pandas' str dtype converts to it), also inside lists; a list of
+    numbers that are all missing (NaN) is inferred as list<null>: it is list<double>."""
     if pa.types.is_large_string(dtype):
         return pa.string()
     if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
-        return pa.list_(_plain_type(dtype.value_type))
+        value_type = dtype.value_type
+        return pa.list_(pa.float64() if pa.types.is_null(value_type) else _plain_type(value_type))
     return dtype
 
 
@@ -161,6 +163,7 @@ def mark_done(path: Path, inputs: dict[str, object]) -> None:
 # --------------------------------------------------------------------------- failures
 
 FAILURE_COLUMNS = ["stage", "unit", "error_type", "message", "time"]
+TUNED_SUFFIX = "+tuned"  # a tuned checkpoint `<name>+tuned` is evaluated beside `<name>`
 
 
 def failure_row(stage: str, unit: str, error_type: str, message: str) -> dict:
@@ -250,6 +253,11 @@ class RunDir:
     def checkpoint_weights(self, checkpoint: str) -> Path:
         """Router weight rows and residue embeddings of a checkpoint, written by the record stage."""
         return self.root / "routing" / checkpoint / "weights.safetensors"
+
+    def tuned(self, checkpoint: str) -> Path:
+        """The LoRA-merged model dir of a checkpoint (tune stage); its checkpoint name in the sweep
+        is `<checkpoint>+tuned`."""
+        return self.root / "tuned" / f"{checkpoint}{TUNED_SUFFIX}"
 
     def eval_items(self, checkpoint: str, benchmark: str) -> Path:
         return self.root / "eval" / checkpoint / f"{benchmark}.parquet"

@@ -1,6 +1,7 @@
 import os
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -33,6 +34,16 @@ def test_atomic_file_is_replaced_whole_or_not_at_all(tmp_path):
         raise RuntimeError("killed mid-write")
     assert pq.read_table(target).to_pydict() == {"a": [1, 2]}  # the old table, intact
     assert sorted(p.name for p in target.parent.iterdir()) == ["t.parquet"]  # no temp file left
+
+
+def test_a_table_reads_the_same_whichever_pandas_wrote_it(tmp_path):
+    frame = pd.DataFrame({"name": pd.array(["a", "b"], dtype="str"), "layers": [[float("nan")] * 3, [1.0, 2.0]]})
+    write_parquet(frame, tmp_path / "t.parquet")
+    schema = pq.read_schema(tmp_path / "t.parquet")
+    assert schema.field("name").type == pa.string() and schema.field("layers").type == pa.list_(pa.float64())
+    alone = pd.DataFrame({"layers": [[float("nan")] * 4]})  # all missing: pandas leaves the type open
+    write_parquet(alone, tmp_path / "u.parquet")
+    assert pq.read_schema(tmp_path / "u.parquet").field("layers").type == pa.list_(pa.float64())
 
 
 def test_atomic_dir_replaces_an_existing_dir(tmp_path):

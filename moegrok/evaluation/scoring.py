@@ -22,14 +22,17 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from moegrok.evaluation.benchmarks import Item
-from moegrok.evaluation.engines import Engine, Tokens
 from moegrok.evaluation.lm_eval_tasks import LmEvalItem, lm_eval_results, primary_scores
 from moegrok.evaluation.sandbox import run_python
+
+if TYPE_CHECKING:  # the engines need torch; the driver, which only reads scored tables, does not
+    from moegrok.evaluation.engines import Engine, Tokens
 
 ITEM_COLUMNS = ["id", "group", "kind", "prediction", "score", "score_norm", "error", "metrics"]
 SCORING_VERSION = 2  # part of every evaluation unit's fingerprint: raise it when scoring rules change

@@ -7,20 +7,29 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import ray
-import torch
 
 from moegrok.checkpoints import CheckpointRef, check_local_dir, local_path, resolve_dtype
 from moegrok.config import Engine, MonitorConfig
 from moegrok.evaluation.benchmarks import BenchmarkError, Item, content_digest, load_benchmark
-from moegrok.evaluation.engines import HFEngine, VLLMEngine
 from moegrok.evaluation.scoring import SCORING_VERSION, accuracy_rows, score_items
 from moegrok.pipeline.cluster import actor_options, init_ray
 from moegrok.pipeline.runner import ActorPool, StageResult, Unit, UnitWorker, run_stage
-from moegrok.pipeline.tune import TUNED_SUFFIX
-from moegrok.store import RunDir, done_fingerprint, error_fields, failure_row, fingerprint, write_parquet
+from moegrok.store import (
+    TUNED_SUFFIX,
+    RunDir,
+    done_fingerprint,
+    error_fields,
+    failure_row,
+    fingerprint,
+    write_parquet,
+)
 
 
 def make_engine(cfg: MonitorConfig):
+    import torch  # here, on the engine actor: the driver plans units without torch
+
+    from moegrok.evaluation.engines import HFEngine, VLLMEngine
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.eval.engine == Engine.vllm or (cfg.eval.engine == Engine.auto and device == "cuda"):
         return VLLMEngine(tensor_parallel_size=cfg.eval.tensor_parallel_size,

@@ -4,31 +4,33 @@ and per checkpoint its router weight rows and residue embeddings (weights.safete
 from __future__ import annotations
 
 import ray
-import torch
-from safetensors.torch import save
 
-from moegrok.adapters import load_adapter
 from moegrok.checkpoints import CheckpointRef, load_checkpoint
 from moegrok.compact import compact_table
 from moegrok.config import MonitorConfig, Storage
 from moegrok.pipeline.cluster import actor_options, init_ray
 from moegrok.pipeline.runner import ActorPool, StageResult, Unit, UnitWorker, run_stage
-from moegrok.routing import RoutingRecorder, input_embeddings, router_weights
+from moegrok.pipeline.shards import Shards
 from moegrok.samples import TokenizedSample
-from moegrok.store import RunDir, fingerprint, invalidate, write_bytes, write_parquet
+from moegrok.store import RunDir, invalidate, write_bytes, write_parquet
 
 
 class RecordWorker(UnitWorker):
     """Holds one checkpoint at a time and records sample shards on it."""
 
     def __init__(self, cfg: MonitorConfig, run_root: str) -> None:
+        import torch  # here, on the actor: the driver plans units without torch
+
         self.cfg, self.run = cfg, RunDir(run_root)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.name: str | None = None
-        self.recorder: RoutingRecorder | None = None
+        self.recorder = None
         self.tokenizer = None
 
     def _load(self, ref: CheckpointRef) -> None:
+        from moegrok.adapters import load_adapter
+        from moegrok.routing import RoutingRecorder
+
         if self.name == ref.name:
             return
         self.name, self.recorder = None, None
@@ -41,6 +43,10 @@ class RecordWorker(UnitWorker):
         self.name = ref.name
 
     def _checkpoint_weights(self) -> bytes:
+        from safetensors.torch import save
+
+        from moegrok.routing import input_embeddings, router_weights
+
         model = self.recorder.model
         tensors = {"routers": router_weights(model, adapter=self.recorder.adapter).contiguous()}
         num_residues = self.cfg.model.residue_tokens
@@ -66,53 +72,47 @@ class RecordWorker(UnitWorker):
         return {"rows": table.num_rows, "bytes": unit.output.stat().st_size}
 
 
-def tokens_fingerprint(shard: list[TokenizedSample]) -> str:
-    return fingerprint([(s.sample_id, s.group, s.num_prompt_tokens, s.input_ids.tobytes().hex()) for s in shard])
-
-
-def token_samples(shards: list[list[TokenizedSample]], *, per_group: int) -> set[str]:
+def token_samples(members: list[list[tuple[str, str]]], *, per_group: int) -> set[str]:
     """The samples whose token-level routing a compact table keeps: the first `per_group` of each
     group in sample order (the same in every checkpoint, so the routing analyses line up)."""
     counts: dict[str, int] = {}
     keep = set()
-    for sample in (s for shard in shards for s in shard):
-        if counts.get(sample.group, 0) < per_group:
-            counts[sample.group] = counts.get(sample.group, 0) + 1
-            keep.add(sample.sample_id)
+    for sample_id, group in (member for shard in members for member in shard):
+        if counts.get(group, 0) < per_group:
+            counts[group] = counts.get(group, 0) + 1
+            keep.add(sample_id)
     return keep
 
 
-def record_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef],
-                 shards: list[list[TokenizedSample]]) -> StageResult:
+def record_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef], shards: Shards) -> StageResult:
     """Record every (checkpoint, shard) unit not already done with the same inputs. Shard 0 of a
     checkpoint also writes its weights file."""
     settings = {f"model.{key}": getattr(cfg.model, key) for key in (
         "dtype", "attn_implementation", "experts_implementation", "trust_remote_code", "residue_tokens", "adapter")}
     settings["record.keep_input_ids"] = cfg.record.keep_input_ids
     settings["record.storage"] = cfg.record.storage
-    keep = token_samples(shards, per_group=cfg.record.token_samples_per_group)
+    keep = token_samples(shards.members, per_group=cfg.record.token_samples_per_group)
     if cfg.record.storage == Storage.compact:  # what the compact table holds depends on these too
         settings["metrics.positions"] = [str(p) for p in cfg.metrics.positions]
         settings["record.token_samples_per_group"] = cfg.record.token_samples_per_group
-    shard_prints = [tokens_fingerprint(shard) for shard in shards]
     units = []
     for ref in refs:
         if not run.checkpoint_weights(ref.name).exists():
             invalidate(run.routing_shard(ref.name, 0))
         units += [Unit(f"{ref.name}/shard{index:05d}", ref.name, run.routing_shard(ref.name, index),
                        {"checkpoint": ref.identity, "checkpoint content": ref.content,
-                        "samples": shard_prints[index], **settings},
+                        "samples": shards.prints[index], **settings},
                        payload={"ref": ref, "shard": index, "with_weights": index == 0,
-                                "keep_tokens": [s.sample_id for s in shards[index] if s.sample_id in keep]})
-                  for index in range(len(shards)) if shards[index]]
+                                "keep_tokens": [sample_id for sample_id, _ in members if sample_id in keep]})
+                  for index, members in enumerate(shards.members) if members]
 
     def executor(todo: list[Unit]) -> ActorPool:
         init_ray(cfg.cluster)
-        shard_refs = {index: ray.put(shards[index]) for index in sorted({u.payload["shard"] for u in todo})}
+        tokenized = shards.load()
+        shard_refs = {index: ray.put(tokenized[index]) for index in sorted({u.payload["shard"] for u in todo})}
         for unit in todo:
             unit.payload["samples"] = shard_refs[unit.payload["shard"]]
         return ActorPool(RecordWorker, cfg, str(run.root), num_actors=cfg.record.num_actors,
-                         options=actor_options(cfg.record),
-                         max_retries=cfg.record.max_retries)
+                         options=actor_options(cfg.record), max_retries=cfg.record.max_retries)
 
     return run_stage("record", units, executor, progress=cfg.progress)

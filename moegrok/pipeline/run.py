@@ -17,17 +17,15 @@ from moegrok.checkpoints import (
     catalog_frame,
     content_key,
     incomplete,
-    local_path,
     refs_from_frame,
 )
 from moegrok.config import MonitorConfig, Stage, TuneMethod, config_yaml
 from moegrok.errors import UserError
 from moegrok.pipeline.runner import StageResult
 from moegrok.report import REPORT_VERSION, correlation_summary, verdicts, write_report
-from moegrok.samples import SampleError, select_samples, shard_samples, tokenize_samples
+from moegrok.samples import SampleError
 from moegrok.store import (
     RunDir,
-    failure_row,
     fingerprint,
     is_done,
     mark_done,
@@ -61,37 +59,6 @@ def check_inputs(cfg: MonitorConfig, stages: list[Stage]) -> None:
             need(bench.path, f"eval.benchmarks[{bench.name}].path")
     if Stage.tune in stages and cfg.tune.data:
         need(cfg.tune.data, "tune.data")
-
-
-def prepare_samples(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> tuple[list, list[dict]]:
-    """Select and tokenize the samples (tokenizer of the first loadable checkpoint) and shard them.
-    A malformed or untokenizable sample is a failure row naming it; no usable sample at all is a
-    user error."""
-    from transformers import AutoTokenizer
-
-    errors: list[str] = []
-    frame = select_samples(cfg.samples, errors=errors)
-    tokenizer, problems = None, []
-    for ref in refs:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(local_path(ref, cache_dir=cfg.checkpoints.cache_dir),
-                                                      trust_remote_code=cfg.model.trust_remote_code)
-            break
-        except Exception as e:
-            problems.append(f"{ref.name}: {type(e).__name__}: {e}")
-    if tokenizer is None:
-        raise CheckpointError("no checkpoint has a loadable tokenizer: " + "; ".join(problems))
-    shards = [tokenize_samples(part, tokenizer, max_tokens=cfg.samples.max_tokens, errors=errors)
-              for part in shard_samples(frame, shard_size=cfg.samples.shard_size)]
-    failures = [failure_row("samples", e.split(": ", 1)[0], SampleError.__name__, e) for e in errors]
-    if not any(shards):
-        raise SampleError(f"samples.paths={cfg.samples.paths}: no usable sample"
-                          + (f" ({len(errors)} rejected; first: {errors[0]})" if errors else ""))
-    table = pd.DataFrame([{"sample_id": s.sample_id, "group": s.group, "num_tokens": len(s.input_ids),
-                           "num_prompt_tokens": s.num_prompt_tokens, "shard": index}
-                          for index, shard in enumerate(shards) for s in shard])
-    write_parquet(table, run.samples)
-    return shards, failures
 
 
 def _catalog(cfg: MonitorConfig, run: RunDir, stages: list[Stage]) -> list[CheckpointRef]:
@@ -202,10 +169,11 @@ def _stop_if_disk_full(result: StageResult) -> None:
 
 def _record(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
     from moegrok.pipeline.record import record_stage
+    from moegrok.pipeline.shards import prepare_shards
 
-    shards, sample_failures = prepare_samples(cfg, run, refs)
+    shards = prepare_shards(cfg, run, refs)
     result = record_stage(cfg, run, refs, shards)
-    result.failures = sample_failures + result.failures
+    result.failures = shards.failures + result.failures
     return result
 
 
@@ -224,9 +192,12 @@ def _tune(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> StageRe
 
 def _evaluate(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
     from moegrok.pipeline.evaluate import evaluate_stage
-    from moegrok.pipeline.tune import tuned_refs
 
-    return evaluate_stage(cfg, run, refs + (tuned_refs(run, refs) if cfg.tune.method != TuneMethod.none else []))
+    if cfg.tune.method != TuneMethod.none:
+        from moegrok.pipeline.tune import tuned_refs
+
+        refs = refs + tuned_refs(run, refs)
+    return evaluate_stage(cfg, run, refs)
 
 
 def _analyze(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:

@@ -5,25 +5,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from pathlib import Path
 
 import pandas as pd
 import ray
-import torch
 
 from moegrok.checkpoints import CheckpointRef, check_local_dir, content_key, local_path, resolve_dtype
 from moegrok.config import MonitorConfig, as_plain
 from moegrok.pipeline.cluster import actor_options, init_ray
 from moegrok.pipeline.runner import ActorPool, StageResult, Unit, UnitWorker, run_stage
 from moegrok.samples import select_samples
-from moegrok.store import RunDir, done_fingerprint
+from moegrok.store import TUNED_SUFFIX, RunDir, done_fingerprint
 from moegrok.tuning import TuneResult, read_instructions, tune_checkpoint
-
-TUNED_SUFFIX = "+tuned"
 
 
 class TuneWorker(UnitWorker):
     def __init__(self, cfg: MonitorConfig, pairs: list[tuple[str, str]]) -> None:
+        import torch  # here, on the actor
+
         self.cfg, self.pairs = cfg, pairs
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -49,14 +47,10 @@ def instruction_pairs(cfg: MonitorConfig) -> tuple[list[tuple[str, str]], str]:
     return pairs, hashlib.sha256(repr(pairs).encode()).hexdigest()
 
 
-def tuned_path(run: RunDir, ref: CheckpointRef) -> Path:
-    return run.root / "tuned" / f"{ref.name}{TUNED_SUFFIX}"
-
-
 def tuned_refs(run: RunDir, refs: list[CheckpointRef]) -> list[CheckpointRef]:
     """The derived checkpoints already tuned in this run dir."""
-    tuned = [CheckpointRef(f"{ref.name}{TUNED_SUFFIX}", ref.step, ref.tokens, uri=str(tuned_path(run, ref)))
-             for ref in refs if done_fingerprint(tuned_path(run, ref)) is not None]
+    tuned = [CheckpointRef(f"{ref.name}{TUNED_SUFFIX}", ref.step, ref.tokens, uri=str(run.tuned(ref.name)))
+             for ref in refs if done_fingerprint(run.tuned(ref.name)) is not None]
     return [dataclasses.replace(ref, content=content_key(ref)) for ref in tuned]
 
 
@@ -65,7 +59,7 @@ def tune_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> St
     # what changes a tuned model: the method's hyper-parameters, not where or how often it runs
     settings = {f"tune.{k}": v for k, v in as_plain(cfg.tune).items()
                 if k not in ("num_actors", "num_gpus", "num_cpus", "max_retries")}
-    units = [Unit(ref.name, ref.name, tuned_path(run, ref),
+    units = [Unit(ref.name, ref.name, run.tuned(ref.name),
                   {"checkpoint": ref.identity, "checkpoint content": ref.content, "tune data": data_hash,
                    "model.dtype": cfg.model.dtype, **settings}, payload=ref) for ref in refs]
 
