@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from moegrok.pipeline.run import sync
 from moegrok.store import RunDir, write_parquet, write_text
@@ -131,3 +132,194 @@ def test_a_job_driver_joins_the_jobs_cluster(monkeypatch):
     monkeypatch.delenv(RAY_JOB_ENV)
     with pytest.raises(ConfigError, match=r"cluster.num_gpus=1"):
         init_ray(ClusterConfig(address="10.0.0.1:6379", num_gpus=1))
+
+
+# --------------------------------------------------------------------------- cluster.yaml
+
+
+def load_yaml(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def autoscaler_schema() -> dict:
+    """The JSON schema `ray up` validates a cluster config with, as installed with Ray."""
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def test_cluster_yaml_passes_the_autoscaler_schema():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config, schema = load_yaml("cluster.yaml"), autoscaler_schema()
+    jsonschema.validate(config, schema)
+    validate_config(prepare_config(config))  # what `ray up` runs: provider defaults filled in, node types checked
+    with pytest.raises(jsonschema.ValidationError, match="'setup_command' was unexpected"):
+        jsonschema.validate({**config, "setup_command": []}, schema)  # a typo'd key does not pass
+
+
+def image_versions(image: str) -> tuple[str, str]:
+    """(Ray version, Python version) of a rayproject/ray image tag such as 2.60.0-py311-gpu."""
+    repository, _, tag = image.partition(":")
+    ray_version, python, *_ = tag.split("-")
+    if repository != "rayproject/ray" or not python.startswith("py"):
+        raise ValueError(f"image {image!r}: expected rayproject/ray:<ray version>-py<XY>[-gpu]")
+    return ray_version, f"{python[2]}.{python[3:]}"
+
+
+def test_cluster_images_run_the_pinned_ray_and_python():
+    """The nodes run the Ray and Python that pyproject.toml pins (the laptop's `ray up` and
+    `ray job submit` must match the cluster's Ray), in cluster.yaml and in the RayJob's image."""
+    import tomllib
+
+    import ray
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    image = load_yaml("cluster.yaml")["docker"]["image"]
+    ray_version, python = image_versions(image)
+    assert ray_version == ray.__version__
+    assert python in SpecifierSet(project["requires-python"])
+    base = [line.split()[1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("FROM ")]
+    assert base == [image]
+    assert load_yaml("rayjob.yaml")["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
+
+
+@pytest.fixture(scope="module")
+def compose_monitor():
+    """jobs/monitor.py's config for a command line's overrides, as Hydra composes it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from moegrok.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        yield lambda overrides: OmegaConf.to_object(compose(config_name="monitor", overrides=overrides))
+
+
+def monitor_overrides(command: str) -> list[str]:
+    """The overrides of the `python jobs/monitor.py ...` part of a shell command."""
+    for part in command.split("&&"):
+        words = shlex.split(part)
+        if words[:2] == ["python", "jobs/monitor.py"]:
+            return words[2:]
+    raise ValueError(f"no `python jobs/monitor.py` in {command!r}")
+
+
+def test_cluster_yaml_mounts_the_run_directory_of_the_experiment(compose_monitor):
+    config = load_yaml("cluster.yaml")
+    cfg = compose_monitor(["experiment=olmoe_1b_7b"])
+    assert cfg.cluster.address == "auto" and cfg.cluster.num_cpus is None
+    shared = "/mnt/shared"
+    assert cfg.run_dir.startswith(shared + "/")
+    assert f"-v {shared}:{shared}" in config["docker"]["run_options"]
+    assert any(f"{shared})" in command for command in config["initialization_commands"])  # mounted on the host
+    assert any("~/moegrok" in config["file_mounts"] and "$HOME/moegrok[gpu]" in command
+               for command in config["setup_commands"])
+
+
+# --------------------------------------------------------------------------- KubeRay RayJob
+
+# What KubeRay's RayJob CRD (ray.io/v1, KubeRay v1.0 to v1.7) and its validation require:
+# spec.entrypoint (required up to v1.1); rayClusterSpec.headGroupSpec with template and (up to
+# v1.4) rayStartParams; each workerGroupSpec with groupName, minReplicas, maxReplicas, template
+# and (up to v1.4) rayStartParams, 0 <= minReplicas <= replicas <= maxReplicas; rayStartParams
+# values are strings; every pod template has containers, each with a name (and, for Kubernetes
+# to run it, an image); a volume has a name, a persistentVolumeClaim a claimName; a RayJob name is
+# a DNS-1035 label of at most 47 characters.
+
+
+def pod_specs(spec: dict) -> dict[str, dict]:
+    cluster = spec["rayClusterSpec"]
+    return {"head": cluster["headGroupSpec"]["template"]["spec"],
+            **{group["groupName"]: group["template"]["spec"] for group in cluster["workerGroupSpecs"]}}
+
+
+def check_pod(name: str, pod: dict) -> None:
+    if not pod.get("containers"):
+        raise ValueError(f"{name}: template.spec.containers is empty")
+    volumes = {}
+    for volume in pod.get("volumes", []):
+        if "name" not in volume:
+            raise ValueError(f"{name}: volume {volume} has no name")
+        if "persistentVolumeClaim" in volume and "claimName" not in volume["persistentVolumeClaim"]:
+            raise ValueError(f"{name}: volume {volume['name']!r} has no persistentVolumeClaim.claimName")
+        volumes[volume["name"]] = volume
+    for container in pod["containers"]:
+        if not container.get("name") or not container.get("image"):
+            raise ValueError(f"{name}: container {container} needs a name and an image")
+        resources = container.get("resources", {})
+        if not resources.get("requests") or not resources.get("limits"):
+            raise ValueError(f"{name}: container {container['name']!r} sets no resource requests and limits")
+        for mount in container.get("volumeMounts", []):
+            if mount["name"] not in volumes:
+                raise ValueError(f"{name}: volumeMount {mount['name']!r} names no volume of the pod")
+
+
+def check_rayjob(job: dict) -> None:
+    """KubeRay's required fields and validation rules (listed above); ValueError names the field."""
+    import re
+
+    if (job.get("apiVersion"), job.get("kind")) != ("ray.io/v1", "RayJob"):
+        raise ValueError(f"apiVersion/kind {job.get('apiVersion')}/{job.get('kind')}: expected ray.io/v1 RayJob")
+    name = job.get("metadata", {}).get("name", "")
+    if len(name) > 47 or not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+        raise ValueError(f"metadata.name {name!r}: expected a DNS-1035 label of at most 47 characters")
+    spec = job["spec"]
+    if not spec.get("entrypoint"):
+        raise ValueError("spec.entrypoint is missing")
+    head = spec["rayClusterSpec"]["headGroupSpec"]
+    groups = spec["rayClusterSpec"]["workerGroupSpecs"]
+    for group_name, group in [("head", head), *((g.get("groupName", "?"), g) for g in groups)]:
+        for key in ("template", "rayStartParams") + (() if group is head else ("groupName", "minReplicas",
+                                                                                "maxReplicas")):
+            if key not in group:
+                raise ValueError(f"{group_name}: {key} is missing")
+        params = group["rayStartParams"]
+        if not all(isinstance(value, str) for value in params.values()):
+            raise ValueError(f"{group_name}: rayStartParams values must be strings: {params}")
+        if group is not head and not 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]:
+            raise ValueError(f"{group_name}: expected 0 <= minReplicas <= replicas <= maxReplicas")
+    for pod_name, pod in pod_specs(spec).items():
+        check_pod(pod_name, pod)
+
+
+def test_rayjob_manifest_has_what_kuberay_requires(compose_monitor):
+    job = load_yaml("rayjob.yaml")
+    check_rayjob(job)
+    spec = job["spec"]
+    gpus = [g for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+            if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1]
+    assert gpus and spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    # the entrypoint is a moegrok sweep whose run dir is on the volume every pod mounts
+    cfg = compose_monitor(monitor_overrides(spec["entrypoint"]))
+    assert "experiment=olmoe_1b_7b" in spec["entrypoint"] and cfg.cluster.address == "auto"
+    for pod_name, pod in pod_specs(spec).items():
+        claims = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+        assert any(cfg.run_dir.startswith(path + "/") and name in claims for path, name in mounts.items()), pod_name
+        assert any(cfg.checkpoints.cache_dir.startswith(path + "/") for path in mounts), pod_name
+
+
+@pytest.mark.parametrize(("path", "value", "message"), [
+    (("spec", "entrypoint"), None, "spec.entrypoint"),
+    (("spec", "rayClusterSpec", "workerGroupSpecs", 0, "groupName"), None, "groupName is missing"),
+    (("spec", "rayClusterSpec", "workerGroupSpecs", 0, "maxReplicas"), 4, "minReplicas <= replicas <= maxReplicas"),
+    (("spec", "rayClusterSpec", "headGroupSpec", "rayStartParams", "num-cpus"), 0, "must be strings"),
+    (("spec", "rayClusterSpec", "headGroupSpec", "template", "spec", "volumes", 0, "persistentVolumeClaim"), {},
+     "claimName"),
+    (("metadata", "name"), "Moegrok_OLMoE", "DNS-1035"),
+])
+def test_rayjob_check_rejects_what_kuberay_rejects(path, value, message):
+    job = load_yaml("rayjob.yaml")
+    node = job
+    for key in path[:-1]:
+        node = node[key]
+    if value is None:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    with pytest.raises((ValueError, KeyError), match=message):
+        check_rayjob(job)
