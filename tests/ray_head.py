@@ -67,7 +67,7 @@ def _own_processes(temp_dir: Path) -> list[psutil.Process]:
 
 
 @contextmanager
-def ray_head(*, num_cpus: int, env: dict | None = None):
+def ray_head(*, num_cpus: int):
     """`ray start --head --block` with the dashboard on a free port; yields a RayHead."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths have a length limit
     gcs, dashboard, client, agent_http, agent_grpc, runtime_env, metrics = free_ports(7)
@@ -80,9 +80,9 @@ def ray_head(*, num_cpus: int, env: dict | None = None):
                f"--object-store-memory={300 * 1024**2}"]
     log = open(temp_dir / "ray_start.log", "w")  # noqa: SIM115 (open for the head's lifetime)
     # no token authentication: the head listens on 127.0.0.1 only, and the test's client and the
-    # job drivers (which inherit this environment) then need no token file
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})})
+    # job drivers (which inherit this environment) then need no token file; no drain period on SIGTERM
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     head = RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", temp_dir)
     try:
         deadline = time.monotonic() + 180
