@@ -517,7 +517,10 @@ class StudyConfig:
 def register_configs() -> None:
     """Register the schemas with Hydra so that a typo'd key fails at start-up."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
+    # conf/hydra/launcher/ray_grid.yaml starts Ray where a single sweep would
+    OmegaConf.register_new_resolver("ray_address", ray_address, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="pretrain_toy_schema", node=PretrainToyConfig)
     cs.store(name="monitor_schema", node=MonitorConfig)

@@ -3,7 +3,10 @@ started with `ray start`, the run directory synced to an fsspec URL, the cluster
 KubeRay manifests checked against what Ray and KubeRay accept."""
 
 import json
+import os
 import shlex
+import shutil
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -72,6 +75,60 @@ def test_sweep_submitted_as_a_ray_job(tiny_zoo, tmp_path, head):
     uploaded = next(head.temp_dir.glob("session_*/runtime_resources/working_dir_files/*/"))
     assert (uploaded / "jobs" / "monitor.py").exists() and (uploaded / "moegrok" / "pipeline" / "run.py").exists()
     assert not {".git", ".venv", "zoo", "runs", "multirun"} & {p.name for p in uploaded.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def grid(tiny_zoo, tmp_path_factory, head):
+    """A 2-point threshold grid (hydra/launcher=ray_grid) submitted as one Ray job; the driver
+    keeps the default cluster config and joins the job's cluster. Returns the run dirs."""
+    out = tmp_path_factory.mktemp("grid")
+    overrides = [*sweep_overrides(tiny_zoo, out / "unused"), "metrics.threshold=0.5,0.7",
+                 f"run_dir={out}/thr${{metrics.threshold}}", f"hydra.sweep.dir={out}/multirun"]
+    command = [sys.executable, "jobs/monitor.py", "--multirun", "hydra/launcher=ray_grid", *overrides]
+    job_id = head.client().submit_job(entrypoint=shlex.join(command), runtime_env={"working_dir": str(ROOT)})
+    status = head.wait(job_id, timeout_s=900)
+    assert status == "SUCCEEDED", job_failure(head, job_id, status)
+    return [out / "thr0.5", out / "thr0.7"]
+
+
+@pytest.mark.slow
+def test_grid_points_run_at_once_as_ray_tasks(grid, head):
+    """Both grid points ran, each a complete sweep with its own threshold, at overlapping times
+    (each from writing its config.yaml to writing its report.html)."""
+    from ray.util.state import list_tasks
+
+    intervals = []
+    for run_dir, threshold in zip(grid, (0.5, 0.7), strict=True):
+        run = RunDir(run_dir)
+        assert yaml.safe_load(run.config.read_text())["metrics"]["threshold"] == threshold
+        metrics = pd.read_parquet(run.metrics)
+        assert set(metrics["checkpoint"]) == {"step0", "step3", "step6"}
+        assert len(pd.read_parquet(run.accuracy)) == 6 and run.report.exists()
+        intervals.append((run.config.stat().st_mtime, run.report.stat().st_mtime))
+    (start_a, end_a), (start_b, end_b) = intervals
+    assert start_a < end_b and start_b < end_a, intervals
+    pathways = [pd.read_parquet(RunDir(run_dir).metrics)["pathway_length"].mean() for run_dir in grid]
+    assert pathways[0] < pathways[1]  # a higher threshold keeps more experts
+    tasks = list_tasks(address=head.dashboard_url, filters=[("func_or_class_name", "=", "_run_job")],
+                       raise_on_missing_output=False)
+    assert len(tasks) >= 2
+
+
+@pytest.mark.slow
+def test_a_failed_grid_point_fails_the_grid(tiny_zoo, tmp_path):
+    """A grid point that runs in a Ray task and has failed units makes the command exit 1 and
+    name that point (hydra/launcher=ray_grid on a local Ray of its own)."""
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    (zoo / "step6" / "config.json").unlink()
+    command = [sys.executable, str(ROOT / "jobs" / "monitor.py"), "--multirun", "hydra/launcher=ray_grid",
+               *sweep_overrides(zoo, tmp_path / "unused", evaluate=False), "cluster.num_cpus=2",
+               f"run_dir={tmp_path}/thr${{metrics.threshold}}", f"hydra.sweep.dir={tmp_path}/multirun",
+               "metrics.threshold=0.5"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"GridPointFailed: {tmp_path}/thr0.5: exit status 1, units failed" in result.stderr
+    assert pd.read_parquet(tmp_path / "thr0.5" / "failures.parquet")["unit"].str.startswith("step6").all()
 
 
 def test_sync_copies_the_run_directory_to_an_fsspec_url(tmp_path):
