@@ -115,6 +115,27 @@ def test_grid_points_run_at_once_as_ray_tasks(grid, head):
 
 
 @pytest.mark.slow
+def test_report_job_puts_the_grid_side_by_side(grid):
+    """jobs/report.py on the grid's run dirs: each run's report again, and one grid page and
+    table in their common parent, labelled by the threshold."""
+    before = [RunDir(run_dir).report.stat().st_mtime_ns for run_dir in grid]
+    result = subprocess.run([sys.executable, str(ROOT / "jobs" / "report.py"), *map(str, grid)], capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = grid[0].parent
+    assert f"grid report: {out / 'grid.html'}" in result.stdout
+    assert [RunDir(run_dir).report.stat().st_mtime_ns for run_dir in grid] > before
+    table = pd.read_parquet(out / "grid.parquet")
+    assert list(dict.fromkeys(table["run"])) == ["metrics.threshold=0.5", "metrics.threshold=0.7"]
+    for run_dir, rows in table[table["metric"] == "pathway_length"].groupby("run_dir"):
+        metrics = pd.read_parquet(RunDir(run_dir).metrics)
+        last = metrics[(metrics["sample_set"] == "all") & (metrics["step"] == 6)].set_index("group")
+        assert rows.set_index("group")["last"].to_dict() == last["pathway_length"].to_dict()
+    page = (out / "grid.html").read_text()
+    assert "<th>metrics.threshold=0.5</th>" in page and "<th>metrics.threshold=0.7</th>" in page
+
+
+@pytest.mark.slow
 def test_a_failed_grid_point_fails_the_grid(tiny_zoo, tmp_path):
     """A grid point that runs in a Ray task and has failed units makes the command exit 1 and
     name that point (hydra/launcher=ray_grid on a local Ray of its own)."""
