@@ -85,18 +85,20 @@ def ray_head(*, num_cpus: int):
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     head = RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", temp_dir)
     try:
-        deadline = time.monotonic() + 180
-        while True:
+        deadline = time.monotonic() + 300
+        while True:  # ready when a job runs: the dashboard, its agent and the job supervisor are up
             if process.poll() is not None:
                 raise RuntimeError(f"ray start exited {process.returncode}: "
                                    + (temp_dir / "ray_start.log").read_text()[-3000:])
             try:
-                head.client().list_jobs()
+                status = head.wait(head.client().submit_job(entrypoint="true"), timeout_s=120)
+            except Exception as e:  # not up yet: connection refused, or the dashboard answers 500
+                status = f"{type(e).__name__}: {e}"
+            if status == "SUCCEEDED":
                 break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1.0)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the head at {head.dashboard_url} runs no job: {status}")
+            time.sleep(1.0)
         yield head
     finally:
         os.killpg(process.pid, signal.SIGTERM)
