@@ -8,6 +8,7 @@ names the key.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -442,14 +443,27 @@ class AnalysisConfig:
                "a number in (0, 1]")
 
 
+# Ray's job supervisor sets this for the entrypoint of `ray job submit` (with RAY_ADDRESS)
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def ray_address(address: str | None) -> str:
+    """The Ray address a sweep uses: `cluster.address` when set ("auto", "host:port",
+    "ray://host:10001"); unset, the job's cluster for a driver started by `ray job submit`
+    ("auto", which reads RAY_ADDRESS), else "local" (a new Ray instance of our own)."""
+    if address:
+        return address
+    return "auto" if RAY_JOB_ENV in os.environ else "local"
+
+
 @dataclass
 class ClusterConfig:
     """Where Ray runs (config group `cluster/`)."""
 
-    address: str | None = None  # None: start a local Ray; "auto": join the running cluster
+    address: str | None = None  # None: a local Ray of our own (in a Ray job: the job's cluster); "auto": join
     num_cpus: int | None = None  # local Ray only
     num_gpus: int | None = None  # local Ray only
-    sync_uri: str | None = None  # fsspec URL the run dir is copied to after each stage
+    sync_uri: str | None = None  # fsspec URL the run dir is copied to at the end of the sweep
     connect_timeout_s: float = 30.0  # joining a cluster that does not answer by then is an error
 
     def __post_init__(self) -> None:
@@ -545,7 +559,10 @@ class StudyConfig:
 def register_configs() -> None:
     """Register the schemas with Hydra so that a typo'd key fails at start-up."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
+    # conf/hydra/launcher/ray_grid.yaml starts Ray where a single sweep would
+    OmegaConf.register_new_resolver("ray_address", ray_address, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="pretrain_toy_schema", node=PretrainToyConfig)
     cs.store(name="monitor_schema", node=MonitorConfig)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import ray
 
-from moegrok.config import ClusterConfig, EvalConfig, RecordConfig, TuneConfig
+from moegrok.config import ClusterConfig, ConfigError, EvalConfig, RecordConfig, TuneConfig, ray_address
 from moegrok.errors import UserError
 from moegrok.pipeline.reaper import start_reaper
 
@@ -38,15 +38,22 @@ def check_reachable(address: str, *, timeout_s: float) -> str:
 
 def init_ray(cfg: ClusterConfig) -> None:
     """Join the configured cluster, or start a local Ray of our own sized by the config (unless
-    Ray already runs in this process)."""
+    Ray already runs in this process, e.g. a grid point running as a Ray task). A driver started
+    by `ray job submit` joins the job's cluster (`moegrok.config.ray_address`)."""
+    address = ray_address(cfg.address)
+    if address != "local":
+        for key in ("num_cpus", "num_gpus"):
+            if getattr(cfg, key) is not None:
+                raise ConfigError(f"config key cluster.{key}={getattr(cfg, key)!r}: sizes only a local Ray; "
+                                  f"the cluster at address={address!r} brings its own resources (set it to null)")
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     logging.getLogger("ray").setLevel(logging.WARNING)
-    if cfg.address:
-        check_reachable(cfg.address, timeout_s=cfg.connect_timeout_s)
-        ray.init(address=cfg.address, log_to_driver=True)
-    else:  # "local": a new instance of our own, never whatever cluster last ran on this machine
+    if address != "local":
+        check_reachable(address, timeout_s=cfg.connect_timeout_s)
+        ray.init(address=address, log_to_driver=True)
+    else:  # a new instance of our own, never whatever cluster last ran on this machine
         ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False,
                  log_to_driver=True)
         start_reaper()  # nothing of it outlives this process, also when it is killed
