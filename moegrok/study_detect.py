@@ -135,8 +135,8 @@ def compare(summary: pd.DataFrame, *, headline: str, miss_cost: float, margin: f
     step = pd.concat([baseline_cost(name) for name in STEP_ONLY if name in set(summary["detector"])],
                      axis=1).min(axis=1)  # the best step-only rule
     spike = baseline_cost(LOSS_SPIKE)
-    silent = summary.groupby("split")[["grokking_groups", "negative_groups"]].first()
-    silent = miss_cost * silent["grokking_groups"] / (silent["grokking_groups"] + silent["negative_groups"])
+    counts = summary.groupby("split")[["grokking_groups", "negative_groups"]].first()
+    silent = miss_cost * counts["grokking_groups"] / (counts["grokking_groups"] + counts["negative_groups"])
     out = summary.copy()
     loss_cost = [baseline_cost("loss_mean", form).get(split, np.nan) if form != "baseline" else np.nan
                  for form, split in zip(out["form"], out["split"], strict=True)]
@@ -146,7 +146,8 @@ def compare(summary: pd.DataFrame, *, headline: str, miss_cost: float, margin: f
     out["beats_silence"] = out["cost"] < out["split"].map(silent) - margin
     out["beats_all_baselines"] = out[["beats_step", "beats_training_loss", "beats_loss_spike", "beats_silence"]].all(1)
     out["headline"] = out["form"] == headline
-    silent_rows = silent.rename("cost").reset_index().assign(detector=SILENT, form="baseline", rule="never fires")
+    silent_rows = counts.assign(cost=silent, detected=0, misses=counts["grokking_groups"], false_alarms=0,
+                                detector=SILENT, form="baseline", rule="never fires").reset_index()
     return pd.concat([out, silent_rows], ignore_index=True)
 
 
