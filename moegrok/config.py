@@ -62,6 +62,7 @@ class ToyOperation(StrEnum):
     mul = "mul"
     div = "div"
     sqsum = "sqsum"
+    muladd = "muladd"  # a * b + a
 
 
 class Schedule(StrEnum):

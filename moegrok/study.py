@@ -45,10 +45,15 @@ def zoo_key(name: str, seed: int) -> str:
 
 
 def pretrain_config(cfg: StudyConfig, overrides: dict, seed: int, out_dir: Path) -> PretrainToyConfig:
-    base = OmegaConf.structured(cfg.base)
+    """The base config with dotted-key overrides (a list such as data.groups replaces the base's)."""
+    nested: dict = {}
     for key, value in {**overrides, "train.seed": seed, "data.seed": seed, "out_dir": str(out_dir)}.items():
-        OmegaConf.update(base, key, value, merge=False)
-    return OmegaConf.to_object(base)
+        *parents, leaf = key.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.base), nested))
 
 
 def sweep_config(cfg: StudyConfig, zoo: Path, run_dir: Path, p: int) -> MonitorConfig:
