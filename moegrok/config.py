@@ -551,6 +551,7 @@ class StudyConfig:
     progress: bool = True
     base: PretrainToyConfig = field(default_factory=PretrainToyConfig)
     zoos: list[StudyZooConfig] = field(default_factory=list)
+    extra_zoos: list[StudyZooConfig] = field(default_factory=list)  # trained elsewhere: each needs a `dir`
     control: str | None = None  # analysis.control of every sweep
     bootstrap: int = 200
     thresholds: list[float] = field(default_factory=lambda: [0.7])  # pathway thresholds of the correlation rows
@@ -561,7 +562,9 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         self.eval_engine = _choice(Engine, self.eval_engine, "eval_engine")
-        keys = [(z.name, seed) for z in self.zoos for seed in z.seeds]
+        _check(all(z.dir for z in self.extra_zoos), "extra_zoos", [z.name for z in self.extra_zoos if not z.dir],
+               "a dir for every extra zoo (a zoo trained elsewhere)")
+        keys = [(z.name, seed) for z in [*self.zoos, *self.extra_zoos] for seed in z.seeds]
         _check(len(set(keys)) == len(keys), "zoos", keys, "unique (name, seed) pairs")
         roles = {z.role for z in self.zoos}
         _check(not self.zoos or roles == set(ZooRole), "zoos", sorted(roles),

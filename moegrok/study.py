@@ -152,7 +152,7 @@ def run_study(cfg: StudyConfig) -> dict[str, pd.DataFrame]:
         pretrain_config(cfg, dict(zoo.overrides), 0, Path(cfg.zoo_dir))
     out = Path(cfg.out_dir)
     zoos, correlations = [], []
-    for zoo in cfg.zoos:
+    for zoo in [*cfg.zoos, *cfg.extra_zoos]:
         for seed in zoo.seeds:
             times = train_and_sweep(cfg, zoo, seed)
             key = {"zoo": times["zoo"], "setting": zoo.name, "seed": seed, "role": str(zoo.role)}
