@@ -525,7 +525,8 @@ class StudyZooConfig:
 class DetectorConfig:
     """The detector's calibration grid and cost (moegrok/detector_eval.py)."""
 
-    thresholds: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0])
+    thresholds: list[float] = field(
+        default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0])  # z units
     persistence: list[int] = field(default_factory=lambda: [1, 2, 3])
     spike_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1.0, 2.0])
     miss_cost: float = 300.0  # steps charged for a miss or a false alarm
