@@ -1,8 +1,9 @@
-"""The science study: toy-zoo variants trained and swept end to end, pathway metrics against
-the trivial baselines. Resumable: finished zoos and sweep units are skipped.
+"""The science study: toy zoos trained and swept end to end; the between-group contrast and a
+detector calibrated on some zoos and evaluated on the others, against trivial baselines.
+Resumable: finished zoos and sweep units are skipped.
 
-    python jobs/study.py                               # the full design (~2 h on 2 cores)
-    python jobs/study.py --config-name study_smoke     # 2 tiny variants (CI)
+    python jobs/study.py                               # the full design (conf/study.yaml)
+    python jobs/study.py --config-name study_smoke     # 4 tiny zoos (CI)
 """
 
 import sys
@@ -12,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from moegrok.config import StudyConfig, register_configs
 from moegrok.errors import exit_status
-from moegrok.study import run_study, study_summary
+from moegrok.study import run_study
+from moegrok.study_report import headline_summary
 
 register_configs()
 exit_statuses: list[int] = []  # hydra.main drops return values
@@ -20,9 +22,8 @@ exit_statuses: list[int] = []  # hydra.main drops return values
 
 def study(cfg: DictConfig) -> int:
     config: StudyConfig = OmegaConf.to_object(cfg)
-    table = study_summary(run_study(config), config.target)
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}") if len(table) else "no group grokked")
-    print(f"study.parquet and study.html in {config.out_dir}")
+    print(headline_summary(run_study(config), cfg=config))
+    print(f"tables (*.parquet) and study.html in {config.out_dir}")
     return 0
 
 

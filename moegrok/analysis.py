@@ -5,19 +5,26 @@ Reads only stored tables (metrics.parquet, accuracy.parquet, memorized.parquet).
 Rules (the README documents them):
 * Memorization step of a group: `moegrok.memorization.memorization_steps` (train accuracy, else
   the loss rule).
-* Onset of a curve: orient it so that "generalizing" is up, take its level at the first
+* Accuracy onset: orient the curve so that "generalizing" is up, take its level at the first
   checkpoint at/after the memorization step as the baseline; the onset is the last checkpoint
   before the curve rises by at least `min_rise` above the baseline and stays there at every
-  later checkpoint. Accuracy uses an absolute rise (e.g. 0.1); a metric uses the same rule on
-  its min-max scaled curve, so `lead_steps` = accuracy onset - metric onset (> 0: metric first).
+  later checkpoint. It is the ground truth the detector (moegrok/detector.py) is judged against,
+  and retrospective by construction. Metrics get no onset here: a metric's onset is what the
+  causal detector declares.
 * Half-rise step: the first checkpoint where accuracy is halfway from its post-memorization
   baseline to its maximum; groups are asynchronous when these differ.
 * Correlations per group and window (all checkpoints, post-memorization, post-onset): Spearman
   and Pearson with p-values, next to the same for two trivial baselines, the checkpoint step and
   the training loss. Detrended measures: the Spearman partial correlation controlling for step
   (ranks residualized on the step's ranks) and the Spearman correlation of first differences.
-  `beats_baselines`: |Spearman| at least both baselines' and |partial| above the training loss'
-  partial with p < 0.05 -- a metric that is only a function of step never passes.
+  Nothing is computed from fewer than `min_n` checkpoints (8).
+* `beats_baselines` (a star): a monitor (moegrok/metric_info.py) with a declared direction, in a
+  group whose accuracy rises (it has an onset), whose Spearman has the declared sign, |Spearman|
+  at least both baselines', |partial| above the training loss' partial, and a partial p-value that
+  survives Benjamini-Hochberg at `alpha` (0.05) over every row judged in one call (all groups,
+  windows and metrics that meet the other conditions' preconditions: a monitor with a declared
+  direction, in a rising group, with a partial p-value). A metric that is only a function of step
+  never passes.
 """
 
 from __future__ import annotations
@@ -27,18 +34,14 @@ import pandas as pd
 from scipy import stats
 
 from moegrok.memorization import MEMORIZED_ACCURACY, memorization_steps
+from moegrok.metric_info import direction, is_retrospective
 
-# +1: expected to rise as a group generalizes, -1: to fall (orientation for onsets only)
-DIRECTIONS = {
-    "pathway_distance": -1, "pathway_distance_chars": -1, "pathway_distance_norm": -1, "pathway_length": -1,
-    "mean_cos": 1, "mean_cos_median": 1, "consistency": 1, "consistency_median": 1,
-    "med": -1, "loss_mean": -1, "loss_median": -1, "step": 1,
-    "router_saturation": 1, "top1_agreement": 1,
-}
 BASELINES = ("step", "loss_mean")
 NON_METRICS = {"checkpoint", "step", "group", "sample_set", "num_samples", "num_pairs", "pairs", "num_memorized",
                "loss_std", "loss_p90", "train_accuracy"}
 WINDOWS = ("all", "post_memorization", "post_onset")
+MIN_N = 8  # fewer checkpoints than this: no correlation at all
+ALPHA = 0.05  # Benjamini-Hochberg false discovery rate over the rows judged
 
 
 def metric_columns(metrics: pd.DataFrame) -> list[str]:
@@ -47,25 +50,15 @@ def metric_columns(metrics: pd.DataFrame) -> list[str]:
             and pd.api.types.is_numeric_dtype(metrics[c])]
 
 
-def direction(metric: str) -> int:
-    base = metric.split("_answer")[0]
-    return DIRECTIONS.get(base, DIRECTIONS.get(metric, 0))
-
-
-def onset(steps: np.ndarray, values: np.ndarray, *, start_step: float, min_rise: float,
-          scaled: bool) -> float:
-    """The sustained-rise onset of an oriented curve (NaN if it never rises that way)."""
+def onset(steps: np.ndarray, values: np.ndarray, *, start_step: float, min_rise: float) -> float:
+    """The sustained-rise onset of an oriented curve (NaN if it never rises that way). It looks at
+    every later checkpoint ("stays there"): a ground truth, never a monitor."""
     order = np.argsort(steps)
     steps, values = steps[order], values[order]
     keep = (steps >= start_step) & np.isfinite(values)
     steps, values = steps[keep], values[keep]
     if len(values) < 2:
         return float("nan")
-    if scaled:
-        span = values.max() - values.min()
-        if span <= 0:
-            return float("nan")
-        values = (values - values.min()) / span
     above = values >= values[0] + min_rise
     sustained = np.flip(np.logical_and.accumulate(np.flip(above)))  # above here and at every later point
     if not sustained.any():
@@ -74,23 +67,24 @@ def onset(steps: np.ndarray, values: np.ndarray, *, start_step: float, min_rise:
     return float(steps[max(first - 1, 0)])
 
 
-def _spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+def _spearman(x: np.ndarray, y: np.ndarray, *, min_n: int = MIN_N) -> tuple[float, float]:
+    if len(x) < max(min_n, 3) or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan"), float("nan")
     result = stats.spearmanr(x, y)
     return float(result.statistic), float(result.pvalue)
 
 
-def _pearson(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+def _pearson(x: np.ndarray, y: np.ndarray, *, min_n: int = MIN_N) -> tuple[float, float]:
+    if len(x) < max(min_n, 3) or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan"), float("nan")
     result = stats.pearsonr(x, y)
     return float(result.statistic), float(result.pvalue)
 
 
-def partial_spearman(x: np.ndarray, y: np.ndarray, control: np.ndarray) -> tuple[float, float]:
+def partial_spearman(x: np.ndarray, y: np.ndarray, control: np.ndarray, *,
+                     min_n: int = MIN_N) -> tuple[float, float]:
     """Spearman correlation of x and y with `control` partialled out (on ranks)."""
-    if len(x) < 4:
+    if len(x) < max(min_n, 4):
         return float("nan"), float("nan")
     rx, ry, rc = (stats.rankdata(v) for v in (x, y, control))
     design = np.column_stack([np.ones_like(rc), rc])
@@ -104,15 +98,15 @@ def partial_spearman(x: np.ndarray, y: np.ndarray, control: np.ndarray) -> tuple
     return r, float(2 * stats.t.sf(abs(t), dof))
 
 
-def correlate(curve: pd.DataFrame, metric: str) -> dict:
+def correlate(curve: pd.DataFrame, metric: str, *, min_n: int = MIN_N) -> dict:
     """All correlation measures of one metric with accuracy over the rows of `curve`
-    (columns step, accuracy, the metric, loss_mean), sorted by step."""
+    (columns step, accuracy, the metric, loss_mean), sorted by step; NaN below `min_n` rows."""
     curve = curve.sort_values("step").dropna(subset=[metric, "accuracy"])
     x, y, step = (curve[c].to_numpy(dtype=float) for c in (metric, "accuracy", "step"))
-    spearman, spearman_p = _spearman(x, y)
-    pearson, pearson_p = _pearson(x, y)
-    partial, partial_p = partial_spearman(x, y, step)
-    diff = _spearman(np.diff(x), np.diff(y))[0] if len(x) >= 4 else float("nan")
+    spearman, spearman_p = _spearman(x, y, min_n=min_n)
+    pearson, pearson_p = _pearson(x, y, min_n=min_n)
+    partial, partial_p = partial_spearman(x, y, step, min_n=min_n)
+    diff = _spearman(np.diff(x), np.diff(y), min_n=min_n - 1)[0] if len(x) >= min_n else float("nan")
     return {"n": len(x), "spearman": spearman, "spearman_p": spearman_p, "pearson": pearson,
             "pearson_p": pearson_p, "partial_spearman": partial, "partial_p": partial_p, "diff_spearman": diff}
 
@@ -130,56 +124,84 @@ def join_accuracy(metrics: pd.DataFrame, accuracy: pd.DataFrame, *, sample_set: 
     return chosen.merge(acc, on=["checkpoint", "benchmark_group"], how="inner")
 
 
-def analyze(metrics: pd.DataFrame, accuracy: pd.DataFrame, memorized: pd.DataFrame, *,
-            sample_set: str = "memorized", group_map: dict[str, str] | None = None,
-            min_rise: float = 0.1, memorized_accuracy: float = MEMORIZED_ACCURACY) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(correlations, onsets) tables."""
-    joined = join_accuracy(metrics, accuracy, sample_set=sample_set, group_map=group_map or {})
-    mem_steps = memorization_steps(metrics, memorized, memorized_accuracy=memorized_accuracy)
-    columns = metric_columns(metrics)
-    onset_rows, corr_rows = [], []
+def accuracy_onsets(joined: pd.DataFrame, mem_steps: dict[str, tuple[float, str]], *,
+                    min_rise: float) -> pd.DataFrame:
+    """One row per (group, benchmark): memorization step and rule, accuracy onset, lag, half-rise
+    step, accuracy at memorization and at the end."""
+    rows = []
     for (group, benchmark), curve in joined.groupby(["group", "benchmark"], sort=True):
         curve = curve.sort_values("step")
         mem_step, mem_rule = mem_steps.get(group, (float(curve["step"].min()), "first_checkpoint"))
         acc_onset = onset(curve["step"].to_numpy(float), curve["accuracy"].to_numpy(float), start_step=mem_step,
-                          min_rise=min_rise, scaled=False)
-        final = float(curve["accuracy"].iloc[-1])
+                          min_rise=min_rise)
         after = curve[curve["step"] >= mem_step]
         half_step = float("nan")
         if np.isfinite(acc_onset) and len(after):
             halfway = after["accuracy"].iloc[0] + 0.5 * (after["accuracy"].max() - after["accuracy"].iloc[0])
             half_step = float(after.loc[after["accuracy"] >= halfway, "step"].iloc[0])
-        onset_rows.append({"group": group, "benchmark": benchmark, "memorization_step": mem_step,
-                           "memorization_rule": mem_rule,
-                           "generalization_onset": acc_onset, "lag_steps": acc_onset - mem_step,
-                           "half_rise_step": half_step,
-                           "accuracy_at_memorization": float(np.interp(mem_step, curve["step"], curve["accuracy"])),
-                           "final_accuracy": final, "max_accuracy": float(curve["accuracy"].max())})
+        rows.append({"group": group, "benchmark": benchmark, "memorization_step": mem_step,
+                     "memorization_rule": mem_rule, "generalization_onset": acc_onset,
+                     "lag_steps": acc_onset - mem_step, "half_rise_step": half_step,
+                     "accuracy_at_memorization": float(np.interp(mem_step, curve["step"], curve["accuracy"])),
+                     "final_accuracy": float(curve["accuracy"].iloc[-1]),
+                     "max_accuracy": float(curve["accuracy"].max())})
+    return pd.DataFrame(rows)
+
+
+def analyze(metrics: pd.DataFrame, accuracy: pd.DataFrame, memorized: pd.DataFrame, *,
+            sample_set: str = "all", group_map: dict[str, str] | None = None,
+            min_rise: float = 0.1, memorized_accuracy: float = MEMORIZED_ACCURACY, min_n: int = MIN_N,
+            alpha: float = ALPHA) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(correlations, onsets) tables."""
+    joined = join_accuracy(metrics, accuracy, sample_set=sample_set, group_map=group_map or {})
+    mem_steps = memorization_steps(metrics, memorized, memorized_accuracy=memorized_accuracy)
+    onsets = accuracy_onsets(joined, mem_steps, min_rise=min_rise)
+    columns = metric_columns(metrics)
+    corr_rows = []
+    for row in onsets.itertuples(index=False):
+        curve = joined[(joined["group"] == row.group) & (joined["benchmark"] == row.benchmark)].sort_values("step")
+        acc_onset, mem_step = row.generalization_onset, row.memorization_step
         windows = {"all": curve, "post_memorization": curve[curve["step"] >= mem_step],
                    "post_onset": curve[curve["step"] >= acc_onset] if np.isfinite(acc_onset) else curve.iloc[:0]}
         for window, rows in windows.items():
-            base = {b: correlate(rows, b) for b in BASELINES}
+            base = {b: correlate(rows, b, min_n=min_n) for b in BASELINES}
             for metric in [*columns, *BASELINES]:
                 if curve[metric].isna().all():
                     continue
-                corr = base[metric] if metric in BASELINES else correlate(rows, metric)
-                sign = direction(metric) or (np.sign(corr["spearman"]) if np.isfinite(corr["spearman"]) else 1)
-                metric_onset = onset(rows["step"].to_numpy(float), sign * rows[metric].to_numpy(float),
-                                     start_step=mem_step, min_rise=min_rise, scaled=True)
+                corr = base[metric] if metric in BASELINES else correlate(rows, metric, min_n=min_n)
                 corr_rows.append({
-                    "group": group, "benchmark": benchmark, "sample_set": sample_set, "window": window,
-                    "metric": metric, "is_baseline": metric in BASELINES, **corr,
-                    "step_spearman": base["step"]["spearman"], "loss_spearman": base["loss_mean"]["spearman"],
+                    "group": row.group, "benchmark": row.benchmark, "sample_set": sample_set, "window": window,
+                    "metric": metric, "is_baseline": metric in BASELINES, "direction": direction(metric),
+                    "retrospective": is_retrospective(metric, sample_set),
+                    "generalizing": bool(np.isfinite(acc_onset)),
+                    **corr, "step_spearman": base["step"]["spearman"], "loss_spearman": base["loss_mean"]["spearman"],
                     "loss_partial_spearman": base["loss_mean"]["partial_spearman"],
-                    "onset_step": metric_onset, "lead_steps": acc_onset - metric_onset,
-                    "beats_baselines": metric not in BASELINES and beats_baselines(corr, base),
+                    "raw_beats": metric not in BASELINES and beats_baselines(corr, base),
                 })
-    return pd.DataFrame(corr_rows), pd.DataFrame(onset_rows)
+    return judge(pd.DataFrame(corr_rows), alpha=alpha), onsets
+
+
+def judge(correlations: pd.DataFrame, *, alpha: float = ALPHA) -> pd.DataFrame:
+    """Add `judged`, `sign_as_declared`, `partial_q` (Benjamini-Hochberg over the judged rows) and
+    the final `beats_baselines` (the module docstring's rule)."""
+    if correlations.empty:
+        return correlations.assign(judged=[], sign_as_declared=[], partial_q=[], beats_baselines=[])
+    sign = np.sign(correlations["spearman"].to_numpy(float))
+    declared = correlations["direction"].to_numpy(int)
+    sign_ok = (declared != 0) & (sign == declared)
+    judged = (~correlations["is_baseline"] & ~correlations["retrospective"] & (declared != 0)
+              & correlations["generalizing"] & correlations["partial_p"].notna()).to_numpy()
+    q = np.full(len(correlations), np.nan)
+    if judged.any():
+        q[judged] = stats.false_discovery_control(correlations.loc[judged, "partial_p"].to_numpy(float), method="bh")
+    beats = judged & sign_ok & correlations["raw_beats"].to_numpy(bool) & (np.nan_to_num(q, nan=1.0) < alpha)
+    return correlations.assign(judged=judged, sign_as_declared=sign_ok, partial_q=q, beats_baselines=beats)
 
 
 def beats_baselines(corr: dict, base: dict[str, dict]) -> bool:
-    """|Spearman| >= both baselines' and a detrended (partial) correlation stronger than the
-    training loss' and significant. NaN anywhere counts as not beating."""
+    """The raw part of the rule: |Spearman| >= both baselines' and a detrended (partial)
+    correlation stronger than the training loss' with p < 0.05 before correction. NaN anywhere
+    counts as not beating."""
     rho = abs(corr["spearman"])
     strongest = max(abs(base[b]["spearman"]) if np.isfinite(base[b]["spearman"]) else 0.0 for b in BASELINES)
     partial, loss_partial = abs(corr["partial_spearman"]), abs(base["loss_mean"]["partial_spearman"])

@@ -64,6 +64,7 @@ class ToyOperation(StrEnum):
     mul = "mul"
     div = "div"
     sqsum = "sqsum"
+    muladd = "muladd"  # a * b + a
 
 
 class Schedule(StrEnum):
@@ -432,15 +433,24 @@ class TuneConfig:
 @dataclass
 class AnalysisConfig:
     group_map: dict[str, str] = field(default_factory=dict)  # training group -> benchmark group
-    sample_set: SampleSet = SampleSet.memorized
+    # all samples: the memorized set is retrospective (its loss rule looks at the last checkpoint)
+    sample_set: SampleSet = SampleSet.all
     min_rise: float = 0.1  # accuracy onset: the rise that counts as generalization
     memorized_accuracy: float = 0.99  # train accuracy at which a group counts as memorized
+    min_n: int = 8  # no correlation from fewer checkpoints
+    # the between-group contrast: a group known not to generalize (null: the other groups' mean)
+    control: str | None = None
+    bootstrap: int = 200  # bootstrap draws over samples for the contrast's intervals
 
     def __post_init__(self) -> None:
         self.sample_set = _choice(SampleSet, self.sample_set, "analysis.sample_set")
         _check(0.0 < self.min_rise <= 1.0, "analysis.min_rise", self.min_rise, "a number in (0, 1]")
         _check(0.0 < self.memorized_accuracy <= 1.0, "analysis.memorized_accuracy", self.memorized_accuracy,
                "a number in (0, 1]")
+        _check(self.min_n >= 4, "analysis.min_n", self.min_n, ">= 4")
+        _check(self.bootstrap >= 20, "analysis.bootstrap", self.bootstrap, ">= 20")
+        _check(self.control is None or bool(self.control), "analysis.control", self.control,
+               "a group name or null")
 
 
 # Ray's job supervisor sets this for the entrypoint of `ray job submit` (with RAY_ADDRESS)
@@ -513,44 +523,80 @@ class MonitorConfig:
 # --------------------------------------------------------------------------- study
 
 
+class ZooRole(StrEnum):
+    calibration = "calibration"  # the detector's free parameters are fitted here
+    evaluation = "evaluation"  # never used for calibration
+
+
 @dataclass
-class StudyVariantConfig:
+class StudyZooConfig:
     name: str = MISSING
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted pretrain_toy keys
+    role: ZooRole = ZooRole.evaluation
+    dir: str | None = None  # a zoo trained elsewhere: swept as it is, never trained (seeds: just [0])
 
     def __post_init__(self) -> None:
-        _check(len(self.seeds) > 0, f"variants[{self.name}].seeds", self.seeds, "at least one seed")
+        self.role = _choice(ZooRole, self.role, f"zoos[{self.name}].role")
+        _check(len(self.seeds) > 0, f"zoos[{self.name}].seeds", self.seeds, "at least one seed")
+        _check(self.dir is None or (self.seeds == [0] and not self.overrides), f"zoos[{self.name}].dir", self.dir,
+               "no seeds or overrides beside it (the zoo is already trained)")
+
+
+@dataclass
+class DetectorConfig:
+    """The detector's calibration grid and cost (moegrok/detector_eval.py)."""
+
+    thresholds: list[float] = field(
+        default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0])  # z units
+    persistence: list[int] = field(default_factory=lambda: [1, 2, 3])
+    spike_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1.0, 2.0])
+    miss_cost: float = 300.0  # steps charged for a miss or a false alarm
+    margin: float = 50.0  # a detector beats a baseline only if its cost is lower by this much (one checkpoint)
+
+    def __post_init__(self) -> None:
+        for key in ("thresholds", "spike_thresholds"):
+            values = getattr(self, key)
+            _check(len(values) > 0 and all(v > 0 for v in values), f"detector.{key}", values,
+                   "a non-empty list of numbers > 0")
+        _check(len(self.persistence) > 0 and all(m >= 1 for m in self.persistence), "detector.persistence",
+               self.persistence, "a non-empty list of integers >= 1")
+        _check(self.miss_cost > 0, "detector.miss_cost", self.miss_cost, "> 0")
+        _check(self.margin >= 0, "detector.margin", self.margin, ">= 0")
 
 
 @dataclass
 class StudyConfig:
-    """Toy-zoo variants trained and swept end to end (jobs/study.py)."""
+    """Toy zoos trained and swept end to end; contrast and detector across them (jobs/study.py)."""
 
     out_dir: str = "runs/study"
     zoo_dir: str = "zoo/study"
     progress: bool = True
     base: PretrainToyConfig = field(default_factory=PretrainToyConfig)
-    variants: list[StudyVariantConfig] = field(default_factory=list)
-    thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8])
-    sample_sets: list[SampleSet] = field(default_factory=lambda: [SampleSet.memorized, SampleSet.all])
+    zoos: list[StudyZooConfig] = field(default_factory=list)
+    extra_zoos: list[StudyZooConfig] = field(default_factory=list)  # trained elsewhere: each needs a `dir`
+    control: str | None = None  # analysis.control of every sweep
+    bootstrap: int = 200
+    thresholds: list[float] = field(default_factory=lambda: [0.7])  # pathway thresholds of the correlation rows
     samples_per_group: int = 100
     eval_engine: Engine = Engine.hf
     eval_items: int = 600
-    best_variant_seeds: list[int] = field(default_factory=lambda: [1, 2])
-    target: float = 0.95
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
 
     def __post_init__(self) -> None:
         self.eval_engine = _choice(Engine, self.eval_engine, "eval_engine")
-        self.sample_sets = [_choice(SampleSet, s, "sample_sets") for s in self.sample_sets]
-        names = [v.name for v in self.variants]
-        _check(len(set(names)) == len(names), "variants", names, "unique variant names")
+        _check(all(z.dir for z in self.extra_zoos), "extra_zoos", [z.name for z in self.extra_zoos if not z.dir],
+               "a dir for every extra zoo (a zoo trained elsewhere)")
+        keys = [(z.name, seed) for z in [*self.zoos, *self.extra_zoos] for seed in z.seeds]
+        _check(len(set(keys)) == len(keys), "zoos", keys, "unique (name, seed) pairs")
+        roles = {z.role for z in self.zoos}
+        _check(not self.zoos or roles == set(ZooRole), "zoos", sorted(roles),
+               "at least one calibration and one evaluation zoo")
         _check(all(0.0 < t < 1.0 for t in self.thresholds) and self.thresholds, "thresholds", self.thresholds,
                "a non-empty list of numbers in (0, 1)")
-        _check(len(self.sample_sets) > 0, "sample_sets", self.sample_sets, "a non-empty list")
         _check(self.samples_per_group > 0, "samples_per_group", self.samples_per_group, "> 0")
         _check(self.eval_items >= 0, "eval_items", self.eval_items, ">= 0 (0 = all)")
-        _check(0.0 < self.target <= 1.0, "target", self.target, "a number in (0, 1]")
+        _check(self.bootstrap >= 20, "bootstrap", self.bootstrap, ">= 20")
 
 
 # --------------------------------------------------------------------------- registration

@@ -11,7 +11,9 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
-from moegrok.analysis import asynchronous_groups, join_accuracy
+from moegrok.analysis import ALPHA, MIN_N, asynchronous_groups, join_accuracy
+from moegrok.contrast_report import contrast_section
+from moegrok.metric_info import RETROSPECTIVE
 from moegrok.pages import page, png, table
 from moegrok.store import RunDir, read_tags
 
@@ -19,7 +21,7 @@ from moegrok.store import RunDir, read_tags
 PAPER_VALUES = {"pathway_distance": "-0.93 .. -0.98", "consistency": "+0.92 .. +0.99", "loss_mean": "-0.07 .. +0.79"}
 CURVE_METRICS = ["pathway_distance", "pathway_distance_answer", "mean_cos", "consistency", "med", "loss_mean"]
 SUMMARY_WINDOW = "post_memorization"
-REPORT_VERSION = 2  # part of the report's fingerprint: raise it when the page changes
+REPORT_VERSION = 3  # part of the report's fingerprint: raise it when the page changes
 
 
 def _read(path: Path) -> pd.DataFrame | None:
@@ -95,10 +97,13 @@ def _routing_section(run: RunDir, onsets: pd.DataFrame | None) -> list[str]:
     if layers is None or layers.empty:
         return []
     parts = ["<h2>Routing analyses (OLMoE paper)</h2><p>All groups' tokens; dashed lines: generalization "
-             "onsets per group. Saturation is measured against the last checkpoint.</p>"]
+             "onsets per group. <code>saturation</code> and <code>top1_agreement</code> are measured against the "
+             "last checkpoint: <b>retrospective</b> (they need the future); <code>saturation_previous</code> and "
+             "<code>top1_previous</code>, against the previous checkpoint, are their monitor forms. Co-activation "
+             "and domain specialization are shown at the reference (last) checkpoint: retrospective.</p>"]
     everything = layers[layers["group"] == "*"]
-    columns = [c for c in ("saturation", "top1_agreement", "vocab_specialization", "load_entropy")
-               if everything[c].notna().any()]
+    columns = [c for c in ("saturation", "top1_agreement", "saturation_previous", "top1_previous",
+                           "vocab_specialization", "load_entropy") if c in everything and everything[c].notna().any()]
     fig = Figure(figsize=(3.6 * len(columns), 3))
     axes = fig.subplots(1, len(columns), squeeze=False)
     for ax, column in zip(axes[0], columns, strict=True):
@@ -107,7 +112,8 @@ def _routing_section(run: RunDir, onsets: pd.DataFrame | None) -> list[str]:
         if onsets is not None:
             for value in onsets["generalization_onset"].dropna().unique():
                 ax.axvline(value, color="gray", ls="--", lw=1)
-        ax.set_title(column, fontsize=9)
+        ax.set_title(column + (" (retrospective)" if column in ("saturation", "top1_agreement") else ""),
+                     fontsize=9)
         ax.set_xlabel("step", fontsize=8)
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
@@ -166,22 +172,34 @@ def verdicts(correlations: pd.DataFrame, onsets: pd.DataFrame | None = None) -> 
         lines.append(
             f"{group} ({benchmark}), n={int(first['n'])} checkpoints after memorization: Spearman {parts}; "
             f"baselines: step {first['step_spearman']:+.2f}, training loss {first['loss_spearman']:+.2f}. "
-            f"Beats both baselines (raw and detrended): {', '.join(beating) if beating else 'none'}."
+            f"Beats both baselines (raw, detrended, corrected): {', '.join(beating) if beating else 'none'}."
         )
     return lines
 
 
 def correlation_summary(correlations: pd.DataFrame) -> pd.DataFrame:
-    """Compact metric x group Spearman table (post-memorization) with the baselines."""
+    """Compact metric x group Spearman table (post-memorization) with the baselines; * = beats both
+    baselines after the correction (analysis.py), retrospective metrics named as such."""
     rows = correlations[correlations["window"] == SUMMARY_WINDOW]
-    spearman = rows.pivot_table(index="metric", columns="group", values="spearman", aggfunc="first")
-    beats = rows.pivot_table(index="metric", columns="group", values="beats_baselines", aggfunc="any")
+    spearman = rows.groupby(["metric", "group"])["spearman"].first().unstack("group")  # NaN (n < min_n) kept
+    beats = rows.groupby(["metric", "group"])["beats_baselines"].any().unstack("group")
     marked = spearman.map(lambda v: f"{v:+.2f}" if np.isfinite(v) else "–").astype(object)
     for metric in marked.index:
         for group in marked.columns:
             if metric in beats.index and bool(beats.loc[metric, group]):
                 marked.loc[metric, group] += " *"
-    return marked.reset_index()
+    retrospective = rows.groupby("metric")["retrospective"].any()
+    marked.index = [f"{m} (retrospective)" if retrospective.get(m, False) else m for m in marked.index]
+    return marked.rename_axis("metric").rename_axis(columns="group").reset_index()
+
+
+def star_rule(min_n: int = MIN_N) -> str:
+    return (f"* in the table below: a monitor with a declared direction, in a group whose accuracy rises, with the "
+            f"declared sign, |Spearman| at least both trivial baselines' (step, training loss), a detrended (partial, "
+            f"controlling for step) correlation stronger than the loss', and a partial p-value that survives "
+            f"Benjamini-Hochberg at {ALPHA} over every row judged in this run (all groups, windows and metrics). "
+            f"No correlation from fewer than {min_n} checkpoints. Retrospective metrics "
+            f"({', '.join(sorted(RETROSPECTIVE))}, and any metric of the memorized sample set) are never starred.")
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -191,6 +209,7 @@ def write_report(run_dir: str | Path) -> Path:
     # the config the tables were computed with (config.yaml is the last invocation's)
     config_text = read_tags(run.metrics).get("config") or (run.config.read_text() if run.config.exists() else "")
     config = yaml.safe_load(config_text) if config_text else {}
+    analysis_config = config.get("analysis") or {}
     parts = [f"<h1>moegrok report</h1><p>run directory <code>{html.escape(str(run.root.resolve()))}</code></p>"]
     missing = [MISSING[name] for name, frame in (("metrics", metrics), ("accuracy", accuracy),
                                                   ("correlations", correlations)) if frame is None]
@@ -203,16 +222,16 @@ def write_report(run_dir: str | Path) -> Path:
         parts.append(table(onsets))
         parts.append(f"<p>Groups generalize asynchronously: <b>{'yes' if asynchronous_groups(onsets) else 'no'}</b> "
                      "(distinct half-rise steps).</p>")
+    parts += contrast_section(_read(run.contrast), onsets, run.figures)
     if correlations is not None:
         lines = verdicts(correlations, onsets)
         parts.append("<h2>Verdict</h2><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in lines)
-                     + "</ul><p>* in the table below: beats both trivial baselines (step, training loss) on the "
-                     "raw and the detrended (partial, controlling for step) Spearman.</p>")
+                     + f"</ul><p>{html.escape(star_rule(analysis_config.get('min_n', MIN_N)))}</p>")
         parts.append(f"<h3>Spearman with accuracy after memorization</h3>{table(correlation_summary(correlations))}")
 
     figure_dir = run.figures
     if metrics is not None:
-        sample_set = (config.get("analysis") or {}).get("sample_set", "memorized")
+        sample_set = analysis_config.get("sample_set", "all")
         group_map = (config.get("analysis") or {}).get("group_map") or {}
         if accuracy is not None:
             joined = join_accuracy(metrics, accuracy, sample_set=sample_set, group_map=group_map)
@@ -251,9 +270,9 @@ def write_report(run_dir: str | Path) -> Path:
     if correlations is not None:
         shown = correlations.copy()
         shown["paper"] = shown["metric"].map(PAPER_VALUES).fillna("")
-        columns = ["group", "benchmark", "window", "metric", "n", "spearman", "spearman_p", "pearson",
-                   "partial_spearman", "diff_spearman", "step_spearman", "loss_spearman", "onset_step",
-                   "lead_steps", "beats_baselines", "paper"]
+        columns = ["group", "benchmark", "window", "metric", "retrospective", "direction", "n", "spearman",
+                   "spearman_p", "pearson", "partial_spearman", "partial_p", "partial_q", "diff_spearman",
+                   "step_spearman", "loss_spearman", "judged", "beats_baselines", "paper"]
         parts.append("<h2>All correlations</h2><p>Baselines: <code>step</code> (checkpoint step) and "
                      "<code>loss_mean</code> (training loss). Paper values: Table 1 of arXiv 2506.21551, "
                      "after the sustained rise.</p>")

@@ -242,6 +242,7 @@ class RunDir:
         self.accuracy = self.root / "accuracy.parquet"
         self.correlations = self.root / "correlations.parquet"
         self.onsets = self.root / "onsets.parquet"
+        self.contrast = self.root / "contrast.parquet"  # between-group contrast (moegrok/contrast_table.py)
         self.failures = self.root / "failures.parquet"
         self.stages = self.root / "stages.parquet"  # the last invocation's per-stage summary
         self.report = self.root / "report.html"

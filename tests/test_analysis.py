@@ -8,11 +8,9 @@ from moegrok.analysis import analyze, beats_baselines, correlate, onset, partial
 def test_onset_is_the_last_checkpoint_before_a_sustained_rise():
     steps = np.arange(0, 100, 10, dtype=float)
     accuracy = np.array([0.0, 0.02, 0.05, 0.3, 0.1, 0.04, 0.2, 0.5, 0.8, 0.9])  # blip at 30, sustained from 60
-    assert onset(steps, accuracy, start_step=0, min_rise=0.1, scaled=False) == 50
-    assert onset(steps, accuracy, start_step=40, min_rise=0.1, scaled=False) == 50
-    assert np.isnan(onset(steps, np.full(10, 0.05), start_step=0, min_rise=0.1, scaled=False))
-    falling = -np.linspace(10, 1, 10)  # a distance that falls: oriented, scaled to [0, 1]
-    assert onset(steps, falling, start_step=0, min_rise=0.1, scaled=True) == 0
+    assert onset(steps, accuracy, start_step=0, min_rise=0.1) == 50
+    assert onset(steps, accuracy, start_step=40, min_rise=0.1) == 50
+    assert np.isnan(onset(steps, np.full(10, 0.05), start_step=0, min_rise=0.1))
 
 
 def test_partial_correlation_removes_a_shared_trend():
@@ -69,15 +67,68 @@ def test_a_metric_that_tracks_accuracy_beats_them():
     assert baseline["is_baseline"].all() and not baseline["beats_baselines"].any()
 
 
-def test_onsets_lag_and_lead():
+def test_onsets_and_lag():
     metrics, accuracy, memorized = synthetic_tables(lambda step, acc, rng: 5 - 4 * acc)
     correlations, onsets = analyze(metrics, accuracy, memorized)
     onsets = onsets.set_index("group")
     assert onsets.loc["a", "memorization_step"] == 200
     assert onsets.loc["a", "generalization_onset"] < onsets.loc["b", "generalization_onset"]
     assert onsets.loc["b", "lag_steps"] == onsets.loc["b", "generalization_onset"] - 200
-    tracking = correlations[(correlations["metric"] == "pathway_distance") & (correlations["window"] == "all")]
-    assert (tracking["lead_steps"].abs() <= 100).all()  # the metric turns with accuracy
+    assert "lead_steps" not in correlations  # a metric's onset is the causal detector's, not a scaled curve's
+
+
+def test_directions_are_declared_never_read_from_accuracy():
+    """A metric that tracks accuracy in the direction opposite to its declared one gets no star, and
+    one without a declared direction is not judged at all."""
+    metrics, accuracy, memorized = synthetic_tables(lambda step, acc, rng: 1 + 4 * acc)  # a distance that rises
+    metrics["undeclared_metric"] = metrics["pathway_distance"]
+    correlations, _ = analyze(metrics, accuracy, memorized)
+    post = correlations[correlations["window"] == "post_memorization"].set_index(["metric", "group"])
+    assert (post.loc["pathway_distance", "spearman"] == 1.0).all() and (post.loc["pathway_distance", "raw_beats"]).all()
+    assert not post.loc["pathway_distance", "sign_as_declared"].any()
+    assert not post.loc["pathway_distance", "beats_baselines"].any()
+    assert not post.loc["undeclared_metric", "judged"].any()
+    assert not post.loc["undeclared_metric", "beats_baselines"].any()
+
+
+def test_retrospective_metrics_and_groups_that_never_rise_get_no_star():
+    metrics, accuracy, memorized = synthetic_tables(lambda step, acc, rng: 5 - 4 * acc)
+    metrics["router_saturation"] = -metrics["pathway_distance"]  # the same tracker, but needs the last checkpoint
+    correlations, _ = analyze(metrics, accuracy, memorized)
+    saturation = correlations[correlations["metric"] == "router_saturation"]
+    assert saturation["retrospective"].all() and not saturation["beats_baselines"].any()
+    flat = accuracy.assign(accuracy=0.02)
+    correlations, onsets = analyze(metrics, flat, memorized)
+    assert onsets["generalization_onset"].isna().all()
+    assert not correlations["beats_baselines"].any() and not correlations["judged"].any()
+    memorized_rows, _ = analyze(metrics, accuracy, memorized, sample_set="memorized")
+    assert memorized_rows["retrospective"].all() and not memorized_rows["beats_baselines"].any()
+
+
+def test_too_few_checkpoints_give_no_correlation():
+    metrics, accuracy, memorized = synthetic_tables(lambda step, acc, rng: 5 - 4 * acc, num=7)
+    correlations, _ = analyze(metrics, accuracy, memorized)
+    assert correlations["spearman"].isna().all() and correlations["partial_spearman"].isna().all()
+    assert not correlations["beats_baselines"].any()
+    assert correlate(pd.DataFrame({"step": np.arange(8.0), "accuracy": np.arange(8.0), "x": np.arange(8.0),
+                                   "loss_mean": 0.0}), "x")["spearman"] == 1.0
+
+
+def test_noise_metrics_do_not_survive_the_correction(monkeypatch):
+    """Forty metrics of pure noise: some raw p-values fall below 0.05, none survives
+    Benjamini-Hochberg, so none is starred."""
+    metrics, accuracy, memorized = synthetic_tables(lambda step, acc, rng: 5 - 4 * acc, num=20)
+    rng = np.random.default_rng(3)
+    for index in range(40):
+        metrics[f"pathway_distance_norm_v{index}"] = rng.normal(size=len(metrics))
+    from moegrok import metric_info
+
+    for index in range(40):  # declared like the distance they imitate
+        monkeypatch.setitem(metric_info.DIRECTIONS, f"pathway_distance_norm_v{index}", -1)
+    correlations, _ = analyze(metrics, accuracy, memorized)
+    noise = correlations[correlations["metric"].str.startswith("pathway_distance_norm_v")]
+    assert (noise["partial_p"] < 0.05).any() and not noise["beats_baselines"].any()
+    assert correlations.loc[correlations["metric"] == "pathway_distance", "beats_baselines"].any()
 
 
 def test_non_monotone_accuracy_separates_a_tracker_from_the_step():

@@ -111,5 +111,6 @@ def test_study_configs_resolve(name):
     from moegrok.config import StudyConfig
 
     study = to_object(name, [])
-    assert isinstance(study, StudyConfig) and study.variants
-    assert all(variant.seeds for variant in study.variants)
+    assert isinstance(study, StudyConfig) and study.zoos
+    assert {zoo.role for zoo in study.zoos} == {"calibration", "evaluation"}
+    assert study.base.train.monitor_samples_per_group == 0

@@ -6,7 +6,6 @@ import pytest
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
-from moegrok.embedding import main_embedding_diff
 from moegrok.pathways import group_metrics, mean_pairwise_distance, sample_features
 from moegrok.routing import routing_table
 from moegrok.samples import TokenizedSample
@@ -178,12 +177,6 @@ def test_group_metrics_do_not_depend_on_row_order():
                                rng.normal(size=(4, 8, 3)))
     shuffled = features.sample(frac=1.0, random_state=0)
     assert group_metrics(features, max_pairs=100, seed=1) == group_metrics(shuffled, max_pairs=100, seed=1)
-
-
-def test_main_embedding_diff():
-    circle = np.stack([np.cos(2 * np.pi * np.arange(8) / 8), np.sin(2 * np.pi * np.arange(8) / 8)], axis=1)
-    assert main_embedding_diff(circle) == pytest.approx(2 * np.sin(np.pi / 8))
-    assert main_embedding_diff(np.ones((5, 3))) == 0.0
 
 
 def test_bad_metric_options_name_the_key():

@@ -4,6 +4,7 @@ import subprocess
 import pandas as pd
 import pytest
 
+from moegrok.contrast import contrast_summary
 from moegrok.pages import table
 from moegrok.pipeline import run_monitor
 from moegrok.report import CURVE_METRICS, correlation_summary, verdicts, write_report
@@ -25,9 +26,12 @@ def test_report_contains_every_figure_and_table(stored_run):
     page = stored_run.report.read_text()
     for name in FIGURES:
         assert (stored_run.figures / name).stat().st_size > 1000, name
-    assert page.count("<img ") == len(FIGURES) + 1  # + the scatter of the second group
-    for heading in ("Memorization and generalization per group", "Verdict", "Routing analyses", "All correlations",
-                    "Failures", "Config"):
+    contrast = sorted(stored_run.figures.glob("contrast_*.png"))  # one per per-sample metric
+    assert {"contrast_pathway_distance.png", "contrast_mean_cos.png", "contrast_loss_mean.png"} <= {
+        path.name for path in contrast}
+    assert page.count("<img ") == len(FIGURES) + 1 + len(contrast)  # + the scatter of the second group
+    for heading in ("Memorization and generalization per group", "Between-group contrast", "Verdict",
+                    "Routing analyses", "All correlations", "Failures", "Config"):
         assert heading in page
     assert "src=\"data:image/png;base64," in page and "http" not in page.split("<h2>Config")[0]
 
@@ -43,6 +47,16 @@ def test_report_shows_the_stored_tables(stored_run):
     assert stored_run.config.read_text().splitlines()[0] in page.split("<h2>Config")[1]
 
 
+def test_retrospective_metrics_and_the_correction_are_named(stored_run):
+    page = stored_run.report.read_text()
+    correlations = pd.read_parquet(stored_run.correlations)
+    assert correlations.loc[correlations["metric"] == "router_saturation", "retrospective"].all()
+    assert not correlations.loc[correlations["metric"] == "router_saturation_previous", "retrospective"].any()
+    assert "router_saturation (retrospective)" in table(correlation_summary(correlations))
+    assert "Benjamini-Hochberg" in page and "saturation (retrospective)" not in page.split("Routing analyses")[0]
+    assert table(contrast_summary(pd.read_parquet(stored_run.contrast))) in page
+
+
 def test_verdicts_name_fixed_metrics_and_say_when_a_group_never_rises():
     def rows(group, **spearman):
         return [{"group": group, "benchmark": "b", "window": "post_memorization", "metric": metric, "n": 12,
@@ -54,7 +68,8 @@ def test_verdicts_name_fixed_metrics_and_say_when_a_group_never_rises():
     onsets = pd.DataFrame({"group": ["add", "mul"], "benchmark": "b", "generalization_onset": [300.0, None]})
     add, mul = verdicts(correlations, onsets)
     assert add == ("add (b), n=12 checkpoints after memorization: Spearman pathway_distance -0.80, mean_cos +0.95; "
-                   "baselines: step +0.90, training loss -0.50. Beats both baselines (raw and detrended): mean_cos.")
+                   "baselines: step +0.90, training loss -0.50. Beats both baselines (raw, detrended, corrected): "
+                   "mean_cos.")
     assert "load_entropy" not in add  # never the best of many: only the fixed verdict metrics
     assert mul.startswith("mul (b): accuracy never rises") and "noise" in mul
 

@@ -237,3 +237,21 @@ def test_an_item_without_a_score_is_a_failure_row_and_the_others_count(tmp_path)
     assert [(f["unit"], f["error_type"]) for f in failures] == [("step1/humaneval/b", "ItemError")]
     assert "the sandbox could not start" in failures[0]["message"]
     assert accuracy[["accuracy", "n", "num_errors"]].values.tolist() == [[0.5, 2, 1]]
+
+
+def test_without_evaluation_the_analyze_stage_writes_the_contrast_alone(zoo, tmp_path, ray_cluster):
+    """The contrast needs training samples only; each level is the metrics.parquet value."""
+    cfg = monitor_config(zoo, tmp_path / "run", eval__enabled=False, analysis__control="mul")
+    assert run_monitor(cfg) == 0
+    run = RunDir(cfg.run_dir)
+    assert run.contrast.exists() and not run.correlations.exists() and not run.onsets.exists()
+    contrast = pd.read_parquet(run.contrast)
+    assert set(contrast["mode"]) == {"control", "others", "self"}
+    assert set(contrast.loc[contrast["mode"] == "control", "reference"]) == {"mul", "others"}
+    metrics = pd.read_parquet(run.metrics).query("sample_set == 'all'")
+    joined = contrast[contrast["mode"] == "others"].merge(metrics, on=["step", "group"])
+    for metric in ("pathway_distance", "pathway_distance_norm", "pathway_length", "mean_cos", "loss_mean"):
+        rows = joined[joined["metric"] == metric]
+        assert len(rows) == 6 and rows["level"].to_numpy() == pytest.approx(rows[metric].to_numpy()), metric
+    med = contrast[contrast["metric"] == "med"].merge(metrics[["step", "group", "med"]], on=["step", "group"])
+    assert med["level"].to_numpy() == pytest.approx(med["med"].to_numpy())

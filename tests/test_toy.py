@@ -28,10 +28,11 @@ def test_splits_are_disjoint_deterministic_and_sized():
 
 
 def test_answers_are_modular_arithmetic():
-    cfg = ToyDataConfig(p=7, groups=[ToyGroupConfig(op, op, 0.5) for op in ("add", "sub", "mul", "div", "sqsum")])
+    ops = ("add", "sub", "mul", "div", "sqsum", "muladd")
+    cfg = ToyDataConfig(p=7, groups=[ToyGroupConfig(op, op, 0.5) for op in ops])
     for row in make_examples(cfg).itertuples():
         a, b, c = row.a, row.b, row.answer
-        expected = {"add": a + b, "sub": a - b, "mul": a * b, "sqsum": a * a + b * b}.get(row.op)
+        expected = {"add": a + b, "sub": a - b, "mul": a * b, "sqsum": a * a + b * b, "muladd": a * b + a}.get(row.op)
         if row.op == "div":
             assert (c * b) % 7 == a
         else:

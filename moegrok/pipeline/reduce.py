@@ -27,7 +27,7 @@ from safetensors.numpy import load_file
 
 from moegrok.checkpoints import CheckpointRef
 from moegrok.config import MemorizationConfig, MonitorConfig, SampleSet, as_plain, config_yaml
-from moegrok.embedding import main_embedding_diff
+from moegrok.embedding import main_embedding_diff, main_embedding_diff_cyclic
 from moegrok.memorization import select_memorized
 from moegrok.metrics_table import checkpoint_features, set_row
 from moegrok.pipeline import analyses
@@ -72,7 +72,9 @@ def compute_metrics(unit: Unit, *, positions: list[str], max_pairs: int, seed: i
                                 seed=seed))
     frame = pd.DataFrame(rows).sort_values("group", ignore_index=True)
     weights = _checkpoint_weights(unit.payload["weights"])
-    frame["med"] = main_embedding_diff(weights["residue_embeddings"]) if "residue_embeddings" in weights else np.nan
+    residues = weights.get("residue_embeddings")
+    frame["med"] = np.nan if residues is None else main_embedding_diff(residues)
+    frame["med_cyclic"] = np.nan if residues is None else main_embedding_diff_cyclic(residues)
     write_parquet(frame, unit.output)
     return {"rows": len(frame)}
 

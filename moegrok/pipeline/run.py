@@ -20,6 +20,7 @@ from moegrok.checkpoints import (
     refs_from_frame,
 )
 from moegrok.config import MonitorConfig, Stage, TuneMethod, config_yaml
+from moegrok.contrast_table import causal_memorization, run_contrasts
 from moegrok.errors import UserError
 from moegrok.pipeline.runner import StageResult
 from moegrok.report import REPORT_VERSION, correlation_summary, verdicts, write_report
@@ -112,9 +113,8 @@ def _run_stages(cfg: MonitorConfig, run: RunDir, stages: list[Stage]) -> int:
         return 0
     results: list[StageResult] = []
     for stage in stages:
-        if stage == Stage.analyze and not (run.accuracy.exists() and run.metrics.exists()):
-            print("analyze: skipped, no metrics.parquet or accuracy.parquet (evaluation is off, or nothing was "
-                  "recorded)")
+        if stage == Stage.analyze and not run.metrics.exists():
+            print("analyze: skipped, no metrics.parquet (nothing was recorded)")
             continue
         start = time.perf_counter()
         result = STAGES[stage](cfg, run, refs)
@@ -201,10 +201,11 @@ def _evaluate(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> Sta
 
 
 def _analyze(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
-    """correlations.parquet and onsets.parquet, skipped when they hold the current inputs. The
-    reduce's tables must come from one reduce (a kill mid-publish leaves them mixed)."""
-    if not (run.metrics.exists() and run.accuracy.exists() and run.memorized.exists()):
-        raise RuntimeError(f"{run.root}: analyze needs metrics.parquet, accuracy.parquet and memorized.parquet")
+    """contrast.parquet (training-side only) and, with accuracy, correlations.parquet and
+    onsets.parquet; skipped when they hold the current inputs. The reduce's tables must come from
+    one reduce (a kill mid-publish leaves them mixed)."""
+    if not (run.metrics.exists() and run.memorized.exists()):
+        raise RuntimeError(f"{run.root}: analyze needs metrics.parquet and memorized.parquet")
     reduce_tags = {read_tags(path).get("reduce") for path in (run.metrics, run.memorized)}
     if len(reduce_tags) > 1:
         raise RuntimeError(f"{run.root}: metrics.parquet and memorized.parquet come from different reduce runs "
@@ -212,16 +213,22 @@ def _analyze(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> Stag
     tags = {"metrics": reduce_tags.pop(), "accuracy": read_tags(run.accuracy).get("evaluate"),
             "analysis": dataclasses.asdict(cfg.analysis), "config": config_yaml(cfg)}
     inputs = {key: tags[key] for key in ("metrics", "accuracy", "analysis")}
-    if all(read_tags(path).get("inputs") == fingerprint(inputs) for path in (run.correlations, run.onsets)):
+    outputs = [run.contrast, *((run.correlations, run.onsets) if run.accuracy.exists() else ())]
+    if all(read_tags(path).get("inputs") == fingerprint(inputs) for path in outputs):
         return StageResult("analyze", units=1, skipped=1)
-    correlations, onsets = analyze(
-        pd.read_parquet(run.metrics), pd.read_parquet(run.accuracy), pd.read_parquet(run.memorized),
-        sample_set=cfg.analysis.sample_set, group_map=dict(cfg.analysis.group_map), min_rise=cfg.analysis.min_rise,
-        memorized_accuracy=cfg.analysis.memorized_accuracy,
-    )
+    metrics, memorized = pd.read_parquet(run.metrics), pd.read_parquet(run.memorized)
     tags["inputs"] = fingerprint(inputs)
-    write_parquet(correlations, run.correlations, tags=tags)
-    write_parquet(onsets, run.onsets, tags=tags)
+    contrast = run_contrasts(run, causal_memorization(metrics, memorized_accuracy=cfg.analysis.memorized_accuracy),
+                             control=cfg.analysis.control, num_draws=cfg.analysis.bootstrap)
+    write_parquet(contrast, run.contrast, tags=tags)
+    if run.accuracy.exists():
+        correlations, onsets = analyze(
+            metrics, pd.read_parquet(run.accuracy), memorized, sample_set=cfg.analysis.sample_set,
+            group_map=dict(cfg.analysis.group_map), min_rise=cfg.analysis.min_rise,
+            memorized_accuracy=cfg.analysis.memorized_accuracy, min_n=cfg.analysis.min_n,
+        )
+        write_parquet(correlations, run.correlations, tags=tags)
+        write_parquet(onsets, run.onsets, tags=tags)
     return StageResult("analyze", units=1, done=1)
 
 
@@ -229,7 +236,7 @@ def _report(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> Stage
     """report.html, skipped when every table it shows is unchanged."""
     failures = pd.read_parquet(run.failures).drop(columns="time") if run.failures.exists() else None
     inputs = {"metrics": read_tags(run.metrics).get("reduce"), "accuracy": read_tags(run.accuracy).get("evaluate"),
-              "analyze": read_tags(run.correlations).get("inputs"), "report version": REPORT_VERSION,
+              "analyze": read_tags(run.contrast).get("inputs"), "report version": REPORT_VERSION,
               "failures": None if failures is None else failures.to_json()}
     if is_done(run.report, fingerprint(inputs)):
         return StageResult("report", units=1, skipped=1)

@@ -29,6 +29,7 @@ OPERATIONS: dict[ToyOperation, Operation] = {
     ToyOperation.mul: Operation("{a} * {b} =", lambda a, b, p: (a * b) % p),
     ToyOperation.div: Operation("{a} / {b} =", lambda a, b, p: (a * pow(b, p - 2, p)) % p, b_nonzero=True),
     ToyOperation.sqsum: Operation("{a} ^ 2 + {b} ^ 2 =", lambda a, b, p: (a * a + b * b) % p),
+    ToyOperation.muladd: Operation("{a} * {b} + {a} =", lambda a, b, p: (a * b + a) % p),
 }
 SYMBOLS = ("+", "-", "*", "/", "^", "=")
 

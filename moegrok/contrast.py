@@ -1,0 +1,146 @@
+"""Between-group contrast: how much a group's metric moved since it memorized, beyond a reference.
+
+Within one run the checkpoint step is the same for every group, so a per-group correlation with
+accuracy cannot separate a metric's signal from time. A contrast can: for group G with
+memorization checkpoint t0 (its train accuracy first >= 0.99, a training-side quantity), metric m
+and reference R,
+
+    change_G(t) = m_G(t) - m_G(t0),    did_G(t) = change_G(t) - change_R(t)
+
+(a difference in differences). R is the control group (one known not to generalize, e.g. the toy's
+`mul`; `analysis.control`) and, for the control itself or without one, the mean change of the other
+groups. `z` = direction(m) * did / se is positive when G moved the declared generalizing way more
+than R did; `self_z` is the same for change_G alone (no reference).
+
+Uncertainty: a paired bootstrap over samples. Each group's samples are resampled (multinomial
+counts w, `bootstrap` draws, seeded) and the same draw is used at t and at t0, since the same
+training samples are measured at every checkpoint; groups are resampled independently. Means
+are w-weighted; a pairwise distance is w'Dw / ((sum w)^2 - sum w^2), the mean over pairs of
+distinct samples, each weighted by the product of their counts. `se` is the bootstrap standard
+deviation, `ci_low`/`ci_high` its 2.5/97.5 percentiles. Every value uses checkpoints t0..t only:
+a monitor.
+
+The model-wide embedding measure (MED) has one value for all groups, so its did is 0 by
+construction and left NaN; its self change is bootstrapped over the p-1 consecutive differences.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from moegrok.metric_info import direction
+from moegrok.sample_series import GroupSeries
+
+CONTROL_MEAN = "others"  # the reference name when the other groups' mean is the reference
+
+
+def bootstrap_weights(num_samples: int, *, num_draws: int, seed: int) -> np.ndarray:
+    """Multinomial resampling counts (num_draws, num_samples); row 0 is the identity draw."""
+    rng = np.random.default_rng(seed)
+    weights_BN = rng.multinomial(num_samples, np.full(num_samples, 1.0 / num_samples), size=num_draws + 1)
+    weights_BN[0] = 1
+    return weights_BN.astype(np.float64)
+
+
+def _statistic(series: GroupSeries, weights_BN: np.ndarray) -> np.ndarray:
+    """The metric at every checkpoint under every draw: (draws, checkpoints); draw 0 is the metric."""
+    if series.kind == "mean":
+        values_CN = series.values
+        present_CN = np.isfinite(values_CN)
+        total_BC = weights_BN @ np.where(present_CN, values_CN, 0.0).T
+        return total_BC / np.maximum(weights_BN @ present_CN.T.astype(np.float64), 1e-12)
+    distances_CNN = series.values
+    pairs_B = weights_BN.sum(1) ** 2 - (weights_BN**2).sum(1)
+    out_BC = np.empty((len(weights_BN), len(distances_CNN)))
+    for c, distances_NN in enumerate(distances_CNN):
+        out_BC[:, c] = ((weights_BN @ distances_NN) * weights_BN).sum(1) / np.maximum(pairs_B, 1e-12)
+    return out_BC
+
+
+def _z(value: float, se: float, sign: int) -> float:
+    """The standardized change in the declared direction; NaN without a spread or a direction."""
+    return sign * value / se if np.isfinite(se) and se > 0 and sign else float("nan")
+
+
+def _changes(stat_BC: np.ndarray, start: int) -> np.ndarray:
+    return stat_BC - stat_BC[:, [start]]
+
+
+def group_contrasts(series: dict[str, GroupSeries], steps: np.ndarray, memorization: dict[str, float], *,
+                    metric: str, control: str | None, num_draws: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Contrast rows of one metric: every group with a memorization step, every checkpoint from it
+    on. `series`: per group, the metric's per-sample values at `steps` (see samples_matrix)."""
+    if control is not None and control not in series:
+        raise ValueError(f"analysis.control={control!r}: no such group (groups: {sorted(series)})")
+    groups = sorted(series)
+    stats_BC = {}
+    for index, group in enumerate(groups):
+        weights_BN = bootstrap_weights(series[group].num_samples, num_draws=num_draws, seed=seed * 1000 + index)
+        stats_BC[group] = _statistic(series[group], weights_BN)
+    sign = direction(metric)
+    rows = []
+    for group in groups:
+        if group not in memorization or not (steps >= memorization[group]).any():
+            continue
+        start = int(np.argmax(steps >= memorization[group]))
+        change_BC = _changes(stats_BC[group], start)
+        if control is not None and group != control:
+            reference, others = control, [control]
+        else:
+            reference, others = CONTROL_MEAN, [g for g in groups if g != group]
+        reference_BC = (np.mean([_changes(stats_BC[g], start) for g in others], axis=0) if others
+                        else np.full_like(change_BC, np.nan))
+        did_BC = change_BC - reference_BC
+        for c in range(start, len(steps)):
+            did, draws = did_BC[0, c], did_BC[1:, c]
+            se = float(np.std(draws)) if c > start else float("nan")
+            self_se = float(np.std(change_BC[1:, c])) if c > start else float("nan")
+            rows.append({
+                "group": group, "reference": reference, "metric": metric, "step": int(steps[c]),
+                "memorization_step": float(memorization[group]), "direction": sign,
+                "level": stats_BC[group][0, c], "change": change_BC[0, c], "reference_change": reference_BC[0, c],
+                "did": did, "se": se, "ci_low": float(np.quantile(draws, 0.025)) if c > start else float("nan"),
+                "ci_high": float(np.quantile(draws, 0.975)) if c > start else float("nan"),
+                "z": _z(did, se, sign), "self_se": self_se, "self_z": _z(change_BC[0, c], self_se, sign),
+            })
+    return pd.DataFrame(rows)
+
+
+def model_wide_contrasts(diffs_CP: np.ndarray, steps: np.ndarray, memorization: dict[str, float], *,
+                         metric: str, num_draws: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Rows for a model-wide metric that is a mean over terms (MED: the consecutive embedding
+    differences, (checkpoints, terms)): the same value for every group, its self change
+    bootstrapped over the terms, no contrast."""
+    weights_BP = bootstrap_weights(diffs_CP.shape[1], num_draws=num_draws, seed=seed)
+    stat_BC = weights_BP @ diffs_CP.T / weights_BP.sum(1, keepdims=True)
+    sign = direction(metric)
+    rows = []
+    for group, mem_step in sorted(memorization.items()):
+        if not (steps >= mem_step).any():
+            continue
+        start = int(np.argmax(steps >= mem_step))
+        change_BC = _changes(stat_BC, start)
+        for c in range(start, len(steps)):
+            self_se = float(np.std(change_BC[1:, c])) if c > start else float("nan")
+            rows.append({
+                "group": group, "reference": "none", "metric": metric, "step": int(steps[c]),
+                "memorization_step": float(mem_step), "direction": sign, "level": stat_BC[0, c],
+                "change": change_BC[0, c], "reference_change": float("nan"), "did": float("nan"),
+                "se": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "z": float("nan"),
+                "self_se": self_se, "self_z": _z(change_BC[0, c], self_se, sign),
+            })
+    return pd.DataFrame(rows)
+
+
+def contrast_summary(contrast: pd.DataFrame) -> pd.DataFrame:
+    """Per metric and group, the contrast at the last checkpoint: did [95% CI] and whether the CI
+    lies on the declared side of 0 ("as declared"), on the other side ("against") or covers 0."""
+    last = contrast.dropna(subset=["did"]).sort_values("step").groupby(["metric", "group"], sort=True).tail(1)
+    rows = []
+    for row in last.itertuples(index=False):
+        low, high = row.direction * row.ci_low, row.direction * row.ci_high
+        side = "as declared" if min(low, high) > 0 else "against" if max(low, high) < 0 else "covers 0"
+        rows.append({"metric": row.metric, "group": row.group, "reference": row.reference, "step": row.step,
+                     "did": row.did, "ci_low": row.ci_low, "ci_high": row.ci_high, "z": row.z, "verdict": side})
+    return pd.DataFrame(rows)
