@@ -6,8 +6,8 @@ Plain loop: load each checkpoint, RoutingRecorder over the samples, then the red
 functions (features, memorized set, group rows) in-process. Pipeline: run_monitor's record and
 reduce stages (the same work, plus Parquet files, resumability and failure rows) with 1 record
 actor on a local Ray whose start-up is excluded. Both run on 3 and on --checkpoints
-checkpoints, so the pipeline's cost splits into a fixed part (actor and Ray Data worker
-start-up) and a per-checkpoint part; the target (<= 1.3x) is the per-checkpoint ratio, the cost
+checkpoints, so the pipeline's cost splits into a fixed part (actor start-up, the reduce
+tasks' imports) and a per-checkpoint part; the target (<= 1.3x) is the per-checkpoint ratio, the cost
 of a large sweep. Then 2 actors on the large size.
 """
 
