@@ -44,6 +44,13 @@ def test_a_rerun_with_nothing_new_computes_nothing(zoo, tmp_path, ray_cluster, c
     first = summary(capsys.readouterr().out)
     assert (first["done"] == first["units"]).all() and (first["skipped"] == 0).all()
     run = RunDir(cfg.run_dir)
+    # workers wrote their outputs; the driver received receipts only, a small part of what they wrote
+    stages = pd.read_parquet(run.stages).set_index("stage")
+    written = {"record": run.root / "routing", "reduce": run.root / "parts", "evaluate": run.root / "eval"}
+    for stage, directory in written.items():
+        on_disk = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+        assert 0 < stages.loc[stage, "bytes_received"] < 0.1 * on_disk, stage
+        assert stages.loc[stage, "bytes_received"] / stages.loc[stage, "done"] < 2_000, stage  # per unit
     before = stamps(run)
     assert run_monitor(cfg) == 0
     again = summary(capsys.readouterr().out)
