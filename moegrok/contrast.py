@@ -43,7 +43,7 @@ def bootstrap_weights(num_samples: int, *, num_draws: int, seed: int) -> np.ndar
     return weights_BN.astype(np.float64)
 
 
-def _statistic(series: GroupSeries, weights_BN: np.ndarray) -> np.ndarray:
+def statistic(series: GroupSeries, weights_BN: np.ndarray) -> np.ndarray:
     """The metric at every checkpoint under every draw: (draws, checkpoints); draw 0 is the metric."""
     if series.kind == "mean":
         values_CN = series.values
@@ -51,10 +51,11 @@ def _statistic(series: GroupSeries, weights_BN: np.ndarray) -> np.ndarray:
         total_BC = weights_BN @ np.where(present_CN, values_CN, 0.0).T
         return total_BC / np.maximum(weights_BN @ present_CN.T.astype(np.float64), 1e-12)
     distances_CNN = series.values
-    pairs_B = weights_BN.sum(1) ** 2 - (weights_BN**2).sum(1)
     out_BC = np.empty((len(weights_BN), len(distances_CNN)))
     for c, distances_NN in enumerate(distances_CNN):
-        out_BC[:, c] = ((weights_BN @ distances_NN) * weights_BN).sum(1) / np.maximum(pairs_B, 1e-12)
+        present_BN = weights_BN * np.isfinite(np.diagonal(distances_NN))  # a sample without a pathway: weight 0
+        pairs_B = present_BN.sum(1) ** 2 - (present_BN**2).sum(1)
+        out_BC[:, c] = ((present_BN @ np.nan_to_num(distances_NN)) * present_BN).sum(1) / np.maximum(pairs_B, 1e-12)
     return out_BC
 
 
@@ -67,17 +68,28 @@ def _changes(stat_BC: np.ndarray, start: int) -> np.ndarray:
     return stat_BC - stat_BC[:, [start]]
 
 
+def group_weights(num_samples: dict[str, int], *, num_draws: int, seed: int) -> dict[str, np.ndarray]:
+    """Each group's bootstrap draws (groups resampled independently, seeded by their sorted order)."""
+    return {group: bootstrap_weights(num_samples[group], num_draws=num_draws, seed=seed * 1000 + index)
+            for index, group in enumerate(sorted(num_samples))}
+
+
 def group_contrasts(series: dict[str, GroupSeries], steps: np.ndarray, memorization: dict[str, float], *,
                     metric: str, control: str | None, num_draws: int = 200, seed: int = 0) -> pd.DataFrame:
     """Contrast rows of one metric: every group with a memorization step, every checkpoint from it
-    on. `series`: per group, the metric's per-sample values at `steps` (see samples_matrix)."""
-    if control is not None and control not in series:
-        raise ValueError(f"analysis.control={control!r}: no such group (groups: {sorted(series)})")
-    groups = sorted(series)
-    stats_BC = {}
-    for index, group in enumerate(groups):
-        weights_BN = bootstrap_weights(series[group].num_samples, num_draws=num_draws, seed=seed * 1000 + index)
-        stats_BC[group] = _statistic(series[group], weights_BN)
+    on. `series`: per group, the metric's per-sample values at `steps` (moegrok/sample_series.py)."""
+    weights = group_weights({g: s.num_samples for g, s in series.items()}, num_draws=num_draws, seed=seed)
+    stats_BC = {group: statistic(series[group], weights[group]) for group in series}
+    return statistic_contrasts(stats_BC, steps, memorization, metric=metric, control=control)
+
+
+def statistic_contrasts(stats_BC: dict[str, np.ndarray], steps: np.ndarray, memorization: dict[str, float], *,
+                        metric: str, control: str | None) -> pd.DataFrame:
+    """Contrast rows from each group's metric under every draw (draws + 1, checkpoints), draw 0 the
+    metric itself (`statistic`)."""
+    if control is not None and control not in stats_BC:
+        raise ValueError(f"analysis.control={control!r}: no such group (groups: {sorted(stats_BC)})")
+    groups = sorted(stats_BC)
     sign = direction(metric)
     rows = []
     for group in groups:

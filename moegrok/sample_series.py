@@ -4,9 +4,11 @@ The reduce stage stores per sample and checkpoint its pathway features and loss
 (sample_metrics/). A group metric of metrics.parquet is either a mean of a per-sample value
 (`mean_cos`, `consistency`, `pathway_length`, `loss_mean`) or a mean over sample pairs of a
 distance between their pathways (`pathway_distance*`). Here each becomes a matrix over the
-checkpoints and the samples present at every checkpoint (sample_id order): values (C, N) for a
-mean, distances (C, N, N) for a pair metric, so that resampling the samples gives the metric's
-bootstrap distribution; with every sample once it is the metrics.parquet value.
+checkpoints and the samples recorded at every checkpoint (sample_id order): values (C, N) for a
+mean, distances (C, N, N) for a pair metric (NaN where a sample has no value at a checkpoint), so
+that resampling the samples gives the metric's bootstrap distribution; with every sample once it is
+the metrics.parquet value. The contrast reads one checkpoint at a time (C = 1), so its memory does
+not grow with the number of checkpoints.
 """
 
 from __future__ import annotations
@@ -50,34 +52,65 @@ def sample_metric_specs(suffixes: list[str]) -> dict[str, tuple[str, str, object
     return specs
 
 
-def load_sample_metrics(directory: str | Path) -> pd.DataFrame:
-    """The reduce stage's per-sample table (every checkpoint's shards), without the per-layer lists."""
-    dataset = ds.dataset(str(directory), format="parquet")
-    columns = [name for name in dataset.schema.names if not name.startswith("layer_pathways")]
-    return dataset.to_table(columns=columns).to_pandas()
+def checkpoint_dirs(directory: str | Path) -> list[Path]:
+    """The reduce stage's per-checkpoint directories of sample_metrics/ (one Parquet file per shard)."""
+    return sorted(path for path in Path(directory).iterdir() if path.is_dir() and any(path.glob("*.parquet")))
 
 
-def position_suffixes(samples: pd.DataFrame) -> list[str]:
-    return ["", *sorted(c[len("pathway_length"):] for c in samples.columns
-                        if c.startswith("pathway_length_"))]
+def read_checkpoint(path: Path, columns: list[str]) -> pd.DataFrame:
+    dataset = ds.dataset(str(path), format="parquet")
+    return dataset.to_table(columns=[c for c in columns if c in dataset.schema.names]).to_pandas()
+
+
+def position_suffixes(columns: list[str]) -> list[str]:
+    return ["", *sorted(c[len("pathway_length"):] for c in columns if c.startswith("pathway_length_"))]
+
+
+def present_samples(directory: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
+    """(steps, per group the sorted ids of the samples present at every checkpoint, the table's
+    columns), read one checkpoint at a time."""
+    counts: dict[tuple[str, str], int] = {}
+    steps, columns = [], []
+    for path in checkpoint_dirs(directory):
+        rows = read_checkpoint(path, ["step", "group", "sample_id"])
+        steps.append(int(rows["step"].iloc[0]))
+        for key in zip(rows["group"], rows["sample_id"], strict=True):
+            counts[key] = counts.get(key, 0) + 1
+        columns = ds.dataset(str(path), format="parquet").schema.names
+    everywhere: dict[str, list[str]] = {}
+    for (group, sample_id), count in counts.items():
+        if count == len(steps):
+            everywhere.setdefault(group, []).append(sample_id)
+    return np.array(steps), {group: np.array(sorted(ids)) for group, ids in sorted(everywhere.items())}, columns
+
+
+def checkpoint_series(aligned: pd.DataFrame, spec: tuple[str, str, object]) -> GroupSeries:
+    """One group's series of one metric at one checkpoint, from its rows indexed by the group's
+    sample ids (`rows.set_index("sample_id").reindex(ids)`): values (1, N) or distances (1, N, N)."""
+    kind, column, scorer = spec
+    if column not in aligned:
+        raise ValueError(f"sample_metrics has no column {column!r} (columns: {sorted(aligned.columns)})")
+    values = aligned[column]
+    if kind == "mean":
+        return GroupSeries(kind, values.to_numpy(dtype=np.float64)[None, :])
+    present = values.notna().to_numpy()
+    distances_NN = np.full((len(values), len(values)), np.nan)  # a sample without a pathway here: NaN row and column
+    strings = values[present].tolist()
+    distances_NN[np.ix_(present, present)] = process.cdist(strings, strings, scorer=scorer, workers=1)
+    return GroupSeries(kind, distances_NN[None])
 
 
 def group_series(samples: pd.DataFrame, spec: tuple[str, str, object]) -> tuple[np.ndarray, dict[str, GroupSeries]]:
-    """(steps, per group its series) of one metric; samples missing at any checkpoint are left out."""
-    kind, column, scorer = spec
-    if column not in samples:
-        raise ValueError(f"sample_metrics has no column {column!r} (columns: {sorted(samples.columns)})")
+    """(steps, per group its series over every checkpoint) of one metric from a per-sample table in
+    memory; samples missing at any checkpoint are left out. The reference for the streaming path."""
     steps = np.sort(samples["step"].unique())
     out = {}
     for group, rows in samples.groupby("group", sort=True):
-        table = rows.pivot_table(index="sample_id", columns="step", values=column, aggfunc="first")
-        table = table.reindex(columns=steps).dropna(axis=0, how="any").sort_index()
-        if len(table) < 2:
+        present = rows.groupby("sample_id")["step"].nunique()
+        ids = np.array(sorted(present.index[present == len(steps)]))
+        if len(ids) < 2:
             continue
-        if kind == "mean":
-            out[group] = GroupSeries(kind, table.to_numpy(dtype=np.float64).T)
-        else:
-            out[group] = GroupSeries(kind, np.stack([
-                process.cdist(table[step].tolist(), table[step].tolist(), scorer=scorer, workers=1).astype(np.float64)
-                for step in steps]))
+        parts = [checkpoint_series(rows[rows["step"] == step].set_index("sample_id").reindex(ids), spec)
+                 for step in steps]
+        out[group] = GroupSeries(parts[0].kind, np.concatenate([part.values for part in parts]))
     return steps, out

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from rapidfuzz.distance import Levenshtein
 
-from moegrok.contrast import _statistic, bootstrap_weights, contrast_summary, group_contrasts, model_wide_contrasts
+from moegrok.contrast import bootstrap_weights, contrast_summary, group_contrasts, model_wide_contrasts, statistic
 from moegrok.pathways import mean_pairwise_distance
 from moegrok.sample_series import GroupSeries, group_series
 
@@ -60,7 +60,7 @@ def test_pair_statistic_is_the_mean_pairwise_distance_and_its_bootstrap_resample
     draws = np.repeat(np.arange(12), weights_BN[1].astype(int))
     distances = series["add"].values[1]
     pairs = [distances[a, b] for a in draws for b in draws if a != b]
-    assert _statistic(series["add"], weights_BN)[1, 1] == pytest.approx(np.mean(pairs))
+    assert statistic(series["add"], weights_BN)[1, 1] == pytest.approx(np.mean(pairs))
 
 
 def test_model_wide_measure_has_no_contrast_only_its_own_change():
@@ -79,3 +79,36 @@ def test_summary_and_bad_control():
     assert summary.loc["add", "verdict"] == "as declared" and summary.loc["mul", "verdict"] == "against"
     with pytest.raises(ValueError, match="analysis.control='div'"):
         group_contrasts(series, STEPS, MEMORIZED, metric="mean_cos", control="div")
+
+
+def test_the_run_contrast_streams_checkpoints_and_equals_the_contrast_of_the_whole_table(tmp_path):
+    """run_contrasts reads sample_metrics/ one checkpoint at a time; its rows equal group_contrasts
+    over the whole per-sample table in memory. A sample missing at a checkpoint is left out, one
+    without a pathway at a checkpoint weighs 0 there (NaN row and column of the distances)."""
+    from moegrok.contrast_table import run_contrasts
+    from moegrok.store import RunDir, write_parquet
+
+    rng = np.random.default_rng(1)
+    samples = pd.DataFrame([{"checkpoint": f"step{s}", "step": s, "sample_id": f"s{i:02d}", "group": g,
+                             "pathway": "".join(rng.choice(list("abcd"), 5)), "mean_cos": rng.normal(s / 100, 0.1),
+                             "loss": rng.random()}
+                            for s in (0, 50, 100) for g in ("add", "mul", "sub") for i in range(10)])
+    samples = samples.drop(index=samples.index[(samples["sample_id"] == "s03") & (samples["step"] == 50)])
+    samples.loc[(samples["sample_id"] == "s04") & (samples["step"] == 100), "pathway"] = None
+    run = RunDir(tmp_path)
+    for step, rows in samples.groupby("step"):
+        write_parquet(rows.reset_index(drop=True), run.sample_metrics / f"step{step}" / "shard00000.parquet")
+    memorization = {"add": 0.0, "mul": 0.0, "sub": 50.0}
+    streamed = run_contrasts(run, memorization, control="mul", num_draws=30, seed=2)
+    for metric, spec in {"pathway_distance": ("pairs", "pathway", Levenshtein.distance),
+                         "mean_cos": ("mean", "mean_cos", None), "loss_mean": ("mean", "loss", None)}.items():
+        steps, series = group_series(samples, spec)
+        assert all(s.num_samples == 9 for s in series.values())  # s03 missed a checkpoint in every group
+        for mode, control in (("control", "mul"), ("others", None)):
+            expected = group_contrasts(series, steps, memorization, metric=metric, control=control, num_draws=30,
+                                       seed=2)
+            got = streamed[(streamed["metric"] == metric) & (streamed["mode"] == mode)].drop(columns="mode")
+            pd.testing.assert_frame_equal(got.reset_index(drop=True), expected[got.columns])
+    level = streamed.query("metric == 'pathway_distance' and mode == 'others' and group == 'add' and step == 100")
+    present = samples.query("group == 'add' and step == 100 and sample_id != 's03' and pathway.notna()")
+    assert level["level"].item() == pytest.approx(mean_pairwise_distance(sorted(present["pathway"]))[0])
