@@ -32,10 +32,12 @@ def test_user_errors_are_one_line_and_exit_2(tiny_zoo, tmp_path):
         f"samples.paths=[{tmp_path / 'none.jsonl'}]": "samples.paths[0]=",
         f"samples.paths=[{duplicated}]": "duplicate sample id 'a'",
         "metrics.threshold=1.5": "config key metrics.threshold=1.5: expected a number in (0, 1)",
-        "cluster.address=127.0.0.1:1": "cluster.address='127.0.0.1:1': no Ray cluster answers",
+        "cluster.address=127.0.0.1:1": "config key cluster.num_cpus=2: sizes only a local Ray",
+        "cluster.address=127.0.0.1:1 cluster.num_cpus=null": "cluster.address='127.0.0.1:1': no Ray cluster answers",
     }
     for override, message in cases.items():
-        result = subprocess.run(monitor(tiny_zoo, tmp_path / "run", override), env=ENV, capture_output=True, text=True)
+        result = subprocess.run(monitor(tiny_zoo, tmp_path / "run", *override.split()), env=ENV, capture_output=True,
+                                text=True)
         assert result.returncode == 2, (override, result.stderr[-2000:])
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("moegrok: ") and message in lines[0], (override, lines)
