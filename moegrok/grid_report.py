@@ -5,7 +5,7 @@ Read-only over the runs' stored tables, like the report of one run.
 `grid.parquet` holds one row per run x group x benchmark x metric: the run's label and run_dir,
 its differing config values (one column per dotted key), the metric's value at the first and
 last checkpoint (the run's analysis.sample_set), the post-memorization correlation with accuracy
-(n, spearman, partial_spearman, step_spearman, loss_spearman, lead_steps, beats_baselines) and
+(n, spearman, partial_spearman, partial_q, step_spearman, loss_spearman, beats_baselines) and
 the group's memorization_step and generalization_onset. Without evaluation, benchmark and the
 columns after `last` are empty.
 """
@@ -28,7 +28,7 @@ from moegrok.store import RunDir, write_parquet
 
 # how a run ran rather than what it computed: never a label
 NOT_LABELS = ("run_dir", "stage", "progress", "cluster.")
-CORRELATION_COLUMNS = ["n", "spearman", "partial_spearman", "step_spearman", "loss_spearman", "lead_steps",
+CORRELATION_COLUMNS = ["n", "spearman", "partial_spearman", "partial_q", "step_spearman", "loss_spearman",
                        "beats_baselines"]
 ONSET_COLUMNS = ["memorization_step", "generalization_onset"]
 ROW_COLUMNS = ["group", "benchmark", "metric", "first", "last", *CORRELATION_COLUMNS, *ONSET_COLUMNS]

@@ -27,7 +27,7 @@ def stored_run(root, name: str, *, threshold: float, spearman: float | None, ons
         write_parquet(pd.DataFrame([{"group": group, "benchmark": "heldout", "window": window, "metric": metric,
                                      "n": 3, "spearman": spearman if metric == "pathway_distance" else 0.1,
                                      "partial_spearman": 0.0, "step_spearman": 0.9, "loss_spearman": -0.5,
-                                     "lead_steps": 0.0, "beats_baselines": metric == "pathway_distance"}
+                                     "partial_q": 0.01, "beats_baselines": metric == "pathway_distance"}
                                     for group in GROUPS for window in ("all", "post_memorization")
                                     for metric in ("pathway_distance", "mean_cos", "loss_mean", "step")]),
                       run.correlations)
