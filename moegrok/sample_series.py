@@ -99,18 +99,3 @@ def checkpoint_series(aligned: pd.DataFrame, spec: tuple[str, str, object]) -> G
     distances_NN[np.ix_(present, present)] = process.cdist(strings, strings, scorer=scorer, workers=1)
     return GroupSeries(kind, distances_NN[None])
 
-
-def group_series(samples: pd.DataFrame, spec: tuple[str, str, object]) -> tuple[np.ndarray, dict[str, GroupSeries]]:
-    """(steps, per group its series over every checkpoint) of one metric from a per-sample table in
-    memory; samples missing at any checkpoint are left out. The reference for the streaming path."""
-    steps = np.sort(samples["step"].unique())
-    out = {}
-    for group, rows in samples.groupby("group", sort=True):
-        present = rows.groupby("sample_id")["step"].nunique()
-        ids = np.array(sorted(present.index[present == len(steps)]))
-        if len(ids) < 2:
-            continue
-        parts = [checkpoint_series(rows[rows["step"] == step].set_index("sample_id").reindex(ids), spec)
-                 for step in steps]
-        out[group] = GroupSeries(parts[0].kind, np.concatenate([part.values for part in parts]))
-    return steps, out

@@ -5,7 +5,25 @@ from rapidfuzz.distance import Levenshtein
 
 from moegrok.contrast import bootstrap_weights, contrast_summary, group_contrasts, model_wide_contrasts, statistic
 from moegrok.pathways import mean_pairwise_distance
-from moegrok.sample_series import GroupSeries, group_series
+from moegrok.sample_series import GroupSeries, checkpoint_series
+
+
+def group_series(samples: pd.DataFrame, spec: tuple[str, str, object]) -> tuple[np.ndarray, dict[str, GroupSeries]]:
+    """(steps, per group its series over every checkpoint) of one metric from a per-sample table in
+    memory; samples missing at any checkpoint are left out: the reference for the streaming
+    `run_contrasts`."""
+    steps = np.sort(samples["step"].unique())
+    out = {}
+    for group, rows in samples.groupby("group", sort=True):
+        present = rows.groupby("sample_id")["step"].nunique()
+        ids = np.array(sorted(present.index[present == len(steps)]))
+        if len(ids) < 2:
+            continue
+        parts = [checkpoint_series(rows[rows["step"] == step].set_index("sample_id").reindex(ids), spec)
+                 for step in steps]
+        out[group] = GroupSeries(parts[0].kind, np.concatenate([part.values for part in parts]))
+    return steps, out
+
 
 STEPS = np.arange(0, 500, 50)  # 10 checkpoints
 MEMORIZED = {"add": 100.0, "sub": 100.0, "mul": 100.0}
