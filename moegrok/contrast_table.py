@@ -58,7 +58,7 @@ def run_contrasts(run: RunDir, memorization: dict[str, float], *, control: str |
     """The contrast table of a run: columns mode, group, reference, metric, step, ... (contrast.py).
     Reads sample_metrics/ one checkpoint at a time and keeps only each metric's statistic under
     every draw, so memory does not grow with the per-sample rows of all checkpoints."""
-    steps, ids, columns = present_samples(run.sample_metrics)
+    ids, columns = present_samples(run.sample_metrics)
     ids = {group: members for group, members in ids.items() if len(members) >= 2}
     if control is not None and control not in ids:
         raise ValueError(f"analysis.control={control!r}: no such group in the samples (groups: {sorted(ids)})")
@@ -77,18 +77,18 @@ def run_contrasts(run: RunDir, memorization: dict[str, float], *, control: str |
                 aligned = members.set_index("sample_id").reindex(ids[group])
                 for metric, spec in specs.items():
                     stats[metric][group].append(statistic(checkpoint_series(aligned, spec), weights[group]))
-    order = np.argsort([step for step, _ in checkpoints], kind="stable")
+    by_step = pd.DataFrame(checkpoints, columns=["step", "checkpoint"]).sort_values("step", kind="stable")
+    order, steps = by_step.index.to_numpy(), by_step["step"].to_numpy()
     frames = []
     for metric, per_group in stats.items():
         stats_BC = {group: np.concatenate(columns_B1, axis=1)[:, order] for group, columns_B1 in per_group.items()}
         for mode in MODES if control is not None else MODES[1:]:
-            frame = statistic_contrasts(stats_BC, steps[order], memorization, metric=metric,
+            frame = statistic_contrasts(stats_BC, steps, memorization, metric=metric,
                                         control=control if mode == "control" else None)
             frames.append(frame.assign(mode=mode))
-    by_step = pd.DataFrame(checkpoints, columns=["step", "checkpoint"]).sort_values("step")
     diffs_CP = med_diffs(run, by_step)
     if diffs_CP is not None:
-        frames.append(model_wide_contrasts(diffs_CP, by_step["step"].to_numpy(), memorization, metric="med",
+        frames.append(model_wide_contrasts(diffs_CP, steps, memorization, metric="med",
                                            num_draws=num_draws, seed=seed).assign(mode="self"))
     table = pd.concat(frames, ignore_index=True)
     return table[["mode", *[c for c in table.columns if c != "mode"]]]

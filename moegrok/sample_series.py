@@ -66,22 +66,21 @@ def position_suffixes(columns: list[str]) -> list[str]:
     return ["", *sorted(c[len("pathway_length"):] for c in columns if c.startswith("pathway_length_"))]
 
 
-def present_samples(directory: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
-    """(steps, per group the sorted ids of the samples present at every checkpoint, the table's
-    columns), read one checkpoint at a time."""
+def present_samples(directory: str | Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(per group the sorted ids of the samples present at every checkpoint, the table's columns),
+    read one checkpoint at a time."""
+    paths = checkpoint_dirs(directory)
     counts: dict[tuple[str, str], int] = {}
-    steps, columns = [], []
-    for path in checkpoint_dirs(directory):
-        rows = read_checkpoint(path, ["step", "group", "sample_id"])
-        steps.append(int(rows["step"].iloc[0]))
+    for path in paths:
+        rows = read_checkpoint(path, ["group", "sample_id"])
         for key in zip(rows["group"], rows["sample_id"], strict=True):
             counts[key] = counts.get(key, 0) + 1
-        columns = ds.dataset(str(path), format="parquet").schema.names
     everywhere: dict[str, list[str]] = {}
     for (group, sample_id), count in counts.items():
-        if count == len(steps):
+        if count == len(paths):
             everywhere.setdefault(group, []).append(sample_id)
-    return np.array(steps), {group: np.array(sorted(ids)) for group, ids in sorted(everywhere.items())}, columns
+    columns = ds.dataset(str(paths[0]), format="parquet").schema.names if paths else []
+    return {group: np.array(sorted(ids)) for group, ids in sorted(everywhere.items())}, columns
 
 
 def checkpoint_series(aligned: pd.DataFrame, spec: tuple[str, str, object]) -> GroupSeries:
