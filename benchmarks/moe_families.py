@@ -2,10 +2,10 @@
 
     python -m benchmarks.moe_families [--samples 16]   # from the repository root: it imports tests/
 
-For each family a tiny random model (tests/helpers.py) is saved, loaded as a sweep loads it
-(moegrok.checkpoints.load_checkpoint, default settings) and recorded with RoutingRecorder; each
+For each family a tiny random model (tests/reference/models.py) is saved, loaded as a sweep loads it
+(moegrok.data.checkpoints.load_checkpoint, default settings) and recorded with RoutingRecorder; each
 sample's stored ids and weights (int16 / float16, as in the routing table) are compared with the
-slow reference in tests/routing_reference.py (weights differ by float16 rounding at most: the
+slow reference in tests/reference/routing.py (weights differ by float16 rounding at most: the
 table stores float16). A refused family shows the recorder's error.
 """
 
@@ -18,14 +18,14 @@ import pandas as pd
 import torch
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from moegrok.checkpoints import CheckpointRef, load_checkpoint
 from moegrok.config import ModelConfig
-from moegrok.families import ADAPTERS, REFUSED
-from moegrok.pathways import routing_shape
-from moegrok.routing import RoutingRecorder
-from moegrok.samples import TokenizedSample
-from tests.helpers import LOADED_AS_TEXT, TINY_REFUSED, moe_causal_lm_types, save_tiny_moe
-from tests.routing_reference import reference_routing
+from moegrok.data.checkpoints import CheckpointRef, load_checkpoint
+from moegrok.data.samples import TokenizedSample
+from moegrok.metrics.pathways import routing_shape
+from moegrok.routing.families import ADAPTERS, REFUSED
+from moegrok.routing.recorder import RoutingRecorder
+from tests.reference.models import LOADED_AS_TEXT, TINY_REFUSED, moe_causal_lm_types, save_tiny_moe
+from tests.reference.routing import reference_routing
 
 
 def random_samples(tokenizer, num: int, *, seed: int = 0) -> list[TokenizedSample]:

@@ -18,7 +18,7 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
-from moegrok.pathways import mean_pairwise_distance, pathway_ids
+from moegrok.metrics.pathways import mean_pairwise_distance, pathway_ids
 
 
 def olmoe_like_pathways(num_samples: int, *, seed: int = 0) -> list[str]:

@@ -34,12 +34,12 @@ def main() -> None:
         log = pd.read_parquet(f"{out}/train_log.parquet")
     steps = cfg.train.max_steps
     print(f"{steps} steps in {seconds:.0f} s: {steps / seconds:.2f} steps/s ({seconds / steps * 1000:.0f} ms/step, "
-          "incl. logging, live monitor and checkpoints)")
+          "incl. logging, live metrics and checkpoints)")
     if args.steps:
         return
     summary = grokking_summary(log)
     print(summary.to_string(index=False))
-    grokked = summary[summary["grokked"]]
+    grokked = summary[summary["status"] == "grokking"]
     if len(grokked) >= 2:
         last = grokked["generalization_step"].max()
         print(f"criterion met by {len(grokked)} groups; last generalization at step {last:.0f} "

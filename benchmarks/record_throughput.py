@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moegrok.batching import length_buckets, pad_batch
-from moegrok.routing import RoutingRecorder
-from moegrok.samples import TokenizedSample
+from moegrok.data.batching import length_buckets, pad_batch
+from moegrok.data.samples import TokenizedSample
+from moegrok.routing.recorder import RoutingRecorder
 
 
 def naive_baseline(model, samples, *, batch_size: int):
@@ -126,7 +126,7 @@ def measure(model, samples, *, batch_size: int, max_tokens_per_batch: int, repea
 def cpu_toy(args) -> None:
     from transformers import AutoModelForCausalLM
 
-    from moegrok.samples import read_samples, tokenize_samples
+    from moegrok.data.samples import read_samples, tokenize_samples
 
     steps = sorted(int(p.name[4:]) for p in args.zoo.glob("step*"))
     path = args.zoo / f"step{steps[-1]}"

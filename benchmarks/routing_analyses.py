@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from moegrok.routing_analyses import coactivation, domain_specialization, finalize_statistics, token_statistics
+from moegrok.routing.analyses import coactivation, domain_specialization, finalize_statistics, token_statistics
 
 NUM_LAYERS, NUM_EXPERTS, TOP_K = 16, 64, 8
 

@@ -5,7 +5,7 @@ checkpoints added to the finished 300-sweep against a fresh 10-checkpoint sweep.
     python benchmarks/scale.py                     # trains zoo/scale (the toy saved every step) once
     python benchmarks/scale.py --sizes 20,100 --extra 5
 
-Every sweep runs in a process of its own (a fresh driver, like `python jobs/monitor.py`), which
+Every sweep runs in a process of its own (a fresh driver, like `python jobs/sweep.py`), which
 reports its peak RSS; per stage the table shows wall time per checkpoint, what the driver received
 from the workers per checkpoint (receipts only), and bytes on disk per checkpoint. Targets:
 per-checkpoint time at the largest size <= 1.1x the smallest's, driver peak RSS <= 1.5x, the
@@ -30,33 +30,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train_zoo(zoo: Path, num_checkpoints: int) -> None:
     """The default toy recipe saved at every step (resumes a partial zoo)."""
-    from moegrok.config import PretrainToyConfig, ToyTrainConfig
+    from moegrok.config import compose_config
     from moegrok.toy.train import train_toy
 
-    train = ToyTrainConfig(max_steps=num_checkpoints - 1, save_every=1, log_every=25, monitor_samples_per_group=0)
-    train_toy(PretrainToyConfig(out_dir=str(zoo), train=train))
+    train_toy(compose_config("pretrain_toy", [f"out_dir={zoo}", f"train.max_steps={num_checkpoints - 1}",
+                                              "train.save_every=1", "train.log_every=25",
+                                              "train.live_metrics.enabled=false"]))
 
 
 def overrides(zoo: Path, run_dir: Path, *extra: str, **selection) -> list[str]:
-    return [f"run_dir={run_dir}", f"checkpoints.dir={zoo}", f"samples.paths=[{zoo / 'samples.jsonl'}]",
-            f"eval.benchmarks=[{{name: heldout, path: {zoo / 'benchmark.jsonl'}}}]", "progress=false",
+    """The toy sweep (conf/experiment/toy.yaml) of `zoo`."""
+    return ["experiment=toy", f"run_dir={run_dir}", f"checkpoints.dir={zoo}", "progress=false",
             *(f"checkpoints.{key}={value}" for key, value in selection.items()), *extra]
 
 
 def one_sweep(args: list[str]) -> dict:
     """In this process: run the sweep, then report its stages, peak RSS and sizes (a JSON line)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from moegrok.config import register_configs
-    from moegrok.pipeline import run_monitor
+    from moegrok.config import compose_config
+    from moegrok.pipeline import run_sweep
     from moegrok.store import RunDir
 
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose(config_name="monitor", overrides=args))
+    cfg = compose_config("sweep", args)
     start = time.perf_counter()
-    status = run_monitor(cfg)
+    status = run_sweep(cfg)
     seconds = time.perf_counter() - start
     run = RunDir(cfg.run_dir)
     stages = pd.read_parquet(run.stages)
@@ -117,7 +113,7 @@ def main() -> None:
           "(target <= 10 s, 0 units)")
     # the retrospective quantities (the memorized set, saturation against the last checkpoint) need
     # the last checkpoint: adding one recomputes them for every checkpoint; the monitors alone do not
-    monitor_only = ("metrics.sample_sets=[all]", "metrics.saturation_reference=none")
+    monitor_only = ("metrics.sample_sets=[all]", "metrics.routing_analyses.saturation_reference=none")
     shutil.copytree(args.runs / f"n{largest}", args.runs / f"n{largest}_monitors", dirs_exist_ok=True)
     fresh = sweep(args.zoo, args.runs / f"fresh{args.extra}", min_step=largest, max_step=largest + args.extra - 1)
     added = {"all metrics": sweep(args.zoo, args.runs / f"n{largest}", max_step=largest + args.extra - 1),

@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import torch
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
-from moegrok.compact import compact_table
-from moegrok.metrics_table import checkpoint_features
-from moegrok.routing import RoutingRecorder, router_weights
-from moegrok.samples import TokenizedSample
+from moegrok.data.samples import TokenizedSample
+from moegrok.metrics.compact import compact_table
+from moegrok.metrics.table import checkpoint_features
+from moegrok.routing.recorder import RoutingRecorder, router_weights
 
 POSITIONS = ["all", "answer"]
 PAPER = {"revisions": 500, "groups": 4, "samples_per_group": 10_000}
@@ -69,7 +69,7 @@ def main() -> None:
             seconds["record + compact"].append(time.perf_counter() - start)
             for name, table in (("reduce tokens", tokens), ("reduce compact", compact)):
                 start = time.perf_counter()
-                checkpoint_features(table, routers, threshold=0.7, positions=POSITIONS)
+                checkpoint_features(table, routers, weight_share=0.7, positions=POSITIONS)
                 seconds[name].append(time.perf_counter() - start)
         sizes = {"tokens (with input_ids)": file_bytes(tokens, Path(tmp) / "t.parquet"),
                  "tokens (no input_ids)": file_bytes(tokens.drop_columns(["input_ids"]), Path(tmp) / "n.parquet"),

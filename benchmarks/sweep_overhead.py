@@ -3,7 +3,7 @@
     python benchmarks/sweep_overhead.py [--zoo zoo/default] [--checkpoints 18] [--per-group 1000]
 
 Plain loop: load each checkpoint, RoutingRecorder over the samples, then the reduce stage's
-functions (features, memorized set, group rows) in-process. Pipeline: run_monitor's record and
+functions (features, memorized set, group rows) in-process. Pipeline: run_sweep's record and
 reduce stages (the same work, plus Parquet files, resumability and failure rows) with 1 record
 actor on a local Ray whose start-up is excluded. Both run on 3 and on --checkpoints
 checkpoints, so the pipeline's cost splits into a fixed part (actor start-up, the reduce
@@ -18,24 +18,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from moegrok.checkpoints import build_catalog, load_checkpoint
-from moegrok.config import (
-    CheckpointsConfig,
-    ClusterConfig,
-    EvalConfig,
-    MetricsConfig,
-    ModelConfig,
-    MonitorConfig,
-    RecordConfig,
-    SamplesConfig,
-)
-from moegrok.memorization import select_memorized
-from moegrok.metrics_table import checkpoint_features, group_rows
-from moegrok.routing import RoutingRecorder, router_weights
-from moegrok.samples import select_samples, tokenize_samples
+from moegrok.config import ClusterConfig, SweepConfig, compose_config
+from moegrok.data.checkpoints import build_catalog, load_checkpoint
+from moegrok.data.samples import select_samples, tokenize_samples
+from moegrok.metrics.memorization import select_memorized
+from moegrok.metrics.table import checkpoint_features, group_rows
+from moegrok.routing.recorder import RoutingRecorder, router_weights
 
 
-def plain_loop(cfg: MonitorConfig) -> float:
+def plain_loop(cfg: SweepConfig) -> float:
     """The reduce stage's computations, in one process: features, memorized set, group rows."""
     start = time.perf_counter()
     metrics = cfg.metrics
@@ -46,7 +37,7 @@ def plain_loop(cfg: MonitorConfig) -> float:
         model, tokenizer = load_checkpoint(ref, cfg.model, cache_dir=cfg.checkpoints.cache_dir, device="cpu")
         samples = samples or tokenize_samples(frame, tokenizer, max_tokens=cfg.samples.max_tokens)
         table = RoutingRecorder(model).record(samples, checkpoint=ref.name, step=ref.step)
-        features.append(checkpoint_features(table, router_weights(model).numpy(), threshold=metrics.threshold,
+        features.append(checkpoint_features(table, router_weights(model).numpy(), weight_share=metrics.weight_share,
                                             positions=list(metrics.positions)))
     per_sample = pd.concat(features, ignore_index=True)
     memo = metrics.memorization
@@ -67,28 +58,27 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from moegrok.pipeline import run_monitor
+    from moegrok.pipeline import run_sweep
     from moegrok.pipeline.cluster import init_ray
 
     start = time.perf_counter()
     init_ray(ClusterConfig(num_cpus=2))
     print(f"ray start-up {time.perf_counter() - start:.1f} s (excluded below)")
 
-    def config(run_dir: str, checkpoints: int, actors: int) -> MonitorConfig:
-        return MonitorConfig(
-            run_dir=run_dir, progress=False, eval=EvalConfig(enabled=False),
-            model=ModelConfig(attn_implementation="eager"),
-            checkpoints=CheckpointsConfig(dir=str(args.zoo), num_evenly_spaced=checkpoints),
-            samples=SamplesConfig(paths=[str(args.zoo / "samples.jsonl")], max_per_group=args.per_group,
-                                  max_tokens=32, shard_size=args.per_group),
-            record=RecordConfig(num_actors=actors, num_cpus=2 // actors),  # the 2 cores, as the plain loop has
-            metrics=MetricsConfig(routing_analyses=False),  # not in the plain loop
-        )
+    def config(run_dir: str, checkpoints: int, actors: int) -> SweepConfig:
+        """The toy sweep, record and reduce only; the routing analyses are not in the plain loop."""
+        return compose_config("sweep", [
+            "experiment=toy", f"run_dir={run_dir}", "progress=false", "eval.enabled=false",
+            f"checkpoints.dir={args.zoo}", f"checkpoints.num_evenly_spaced={checkpoints}",
+            f"samples.max_per_group={args.per_group}", f"samples.shard_size={args.per_group}",
+            "metrics.positions=[all]", "metrics.routing_analyses.enabled=false",
+            f"record.num_actors={actors}", f"record.num_cpus={2 // actors}",  # the 2 cores, as the plain loop has
+        ])
 
     def pipeline(checkpoints: int, actors: int) -> float:
         with tempfile.TemporaryDirectory() as run_dir:
             start = time.perf_counter()
-            run_monitor(config(run_dir, checkpoints, actors), stages=["record", "reduce"])
+            run_sweep(config(run_dir, checkpoints, actors), stages=["record", "reduce"])
             seconds = time.perf_counter() - start
             assert len(pd.read_parquet(Path(run_dir) / "metrics.parquet")), "no metrics"
         return seconds

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from moegrok.config import TuneConfig
-from moegrok.tuning import _batches, _loss, lora_model, read_instructions
+from moegrok.evaluation.tuning import _batches, _loss, lora_model, read_instructions
 
 
 def tokens_per_second(model, pairs, tokenizer, cfg: TuneConfig, *, device: str, steps: int) -> float:

@@ -3,25 +3,32 @@
     python jobs/pretrain_toy.py                         # the default zoo, into zoo/default
     python jobs/pretrain_toy.py out_dir=zoo/p31 data.p=31 train.max_steps=800
 
-Re-running resumes from the newest checkpoint; a finished zoo is left as it is.
+Re-running resumes from the newest checkpoint; a zoo whose last checkpoint (step max_steps) and
+training log exist is left as it is and only summarized.
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moegrok.config import register_configs
+from moegrok.config import PretrainToyConfig, register_configs
 from moegrok.errors import exit_status
 from moegrok.toy.summary import print_summary
-from moegrok.toy.train import train_toy
 
 register_configs()
 exit_statuses: list[int] = []  # hydra.main drops return values
 
 
 def pretrain(cfg: DictConfig) -> int:
-    print_summary(train_toy(OmegaConf.to_object(cfg)))
+    config: PretrainToyConfig = OmegaConf.to_object(cfg)
+    out = Path(config.out_dir)
+    if not ((out / f"step{config.train.max_steps}").is_dir() and (out / "train_log.parquet").exists()):
+        from moegrok.toy.train import train_toy  # torch and transformers only when there is training to do
+
+        train_toy(config)
+    print_summary(out)
     return 0
 
 

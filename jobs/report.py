@@ -18,19 +18,19 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moegrok.config import MonitorConfig, Stage, register_configs
+from moegrok.config import Stage, SweepConfig, register_configs
 from moegrok.errors import exit_status
-from moegrok.grid_report import write_grid_report
-from moegrok.pipeline import run_monitor
+from moegrok.pipeline import run_sweep
+from moegrok.report.grid import write_grid_report
 
 register_configs()
 
 
-def stored_config(run_dir: str, overrides: list[str]) -> MonitorConfig:
+def stored_config(run_dir: str, overrides: list[str]) -> SweepConfig:
     """The run's stored config.yaml with the overrides on top."""
     stored = OmegaConf.load(f"{run_dir}/config.yaml")
     with hydra.initialize(config_path="../conf", version_base="1.3"):
-        cfg: DictConfig = hydra.compose(config_name="monitor", overrides=overrides)
+        cfg: DictConfig = hydra.compose(config_name="sweep", overrides=overrides)
     return OmegaConf.to_object(OmegaConf.merge(cfg, stored, OmegaConf.from_dotlist(overrides), {"run_dir": run_dir}))
 
 
@@ -46,7 +46,7 @@ def main() -> int:
             parser.error(f"{argument!r} is neither a run directory nor a key=value override")
     if not run_dirs:
         parser.error("no run directory given")
-    status = max(run_monitor(stored_config(d, overrides), stages=[Stage.analyze, Stage.report]) for d in run_dirs)
+    status = max(run_sweep(stored_config(d, overrides), stages=[Stage.analyze, Stage.report]) for d in run_dirs)
     if len(run_dirs) > 1 or args.out:
         out = args.out or os.path.commonpath([str(Path(d).resolve()) for d in run_dirs])
         print(f"grid report: {write_grid_report(run_dirs, out)}")

@@ -3,7 +3,7 @@ detector calibrated on some zoos and evaluated on the others, against trivial ba
 Resumable: finished zoos and sweep units are skipped.
 
     python jobs/study.py                               # the full design (conf/study.yaml)
-    python jobs/study.py --config-name study_smoke     # 4 tiny zoos (CI)
+    python jobs/study.py --config-name study_smoke     # 2 tiny zoos (the test suite)
 """
 
 import sys
@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from moegrok.config import StudyConfig, register_configs
 from moegrok.errors import exit_status
-from moegrok.study import run_study
-from moegrok.study_report import headline_summary
+from moegrok.report.study import headline_summary
+from moegrok.study.run import run_study
 
 register_configs()
 exit_statuses: list[int] = []  # hydra.main drops return values

@@ -11,15 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
-from moegrok.errors import UserError
+from moegrok.errors import ConfigError
 
 MISSING = "???"
-
-
-class ConfigError(UserError):
-    """A config value that cannot work; the message names the key."""
 
 
 def _check(ok: bool, key: str, value: object, expected: str) -> None:
@@ -92,7 +89,6 @@ class Engine(StrEnum):
 
 
 class TuneMethod(StrEnum):
-    none = "none"
     lora = "lora"
 
 
@@ -173,6 +169,19 @@ class ToyModelConfig:
 
 
 @dataclass
+class LiveMetricsConfig:
+    """Pathway metrics of a fixed probe set of training samples at every logging step."""
+
+    enabled: bool = True
+    samples_per_group: int = 64
+    positions: list[Positions] = field(default_factory=lambda: [Positions.all, Positions.answer])
+
+    def __post_init__(self) -> None:
+        self.positions = [_choice(Positions, p, "train.live_metrics.positions") for p in self.positions]
+        _check(self.samples_per_group > 0, "train.live_metrics.samples_per_group", self.samples_per_group, "> 0")
+
+
+@dataclass
 class ToyTrainConfig:
     max_steps: int = 900
     lr: float = 2e-3
@@ -188,15 +197,12 @@ class ToyTrainConfig:
     log_every: int = 25
     seed: int = 0
     num_threads: int = 2  # fixed, so a zoo is reproducible bit for bit on a machine; 0 = torch default
-    # live pathway metrics of a fixed probe set of training samples at every logging step
-    monitor_samples_per_group: int = 64  # 0 = off
-    monitor_positions: list[Positions] = field(default_factory=lambda: [Positions.all, Positions.answer])
+    live_metrics: LiveMetricsConfig = field(default_factory=LiveMetricsConfig)
     experts_implementation: str = "grouped_mm"
     attn_implementation: str = "eager"  # fastest for the toy's 5-9 token sequences on CPU
 
     def __post_init__(self) -> None:
         self.schedule = _choice(Schedule, self.schedule, "train.schedule")
-        self.monitor_positions = [_choice(Positions, p, "train.monitor_positions") for p in self.monitor_positions]
         _check(self.lr > 0, "train.lr", self.lr, "> 0")
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, ">= 0")
         _check(0.0 <= self.decay_fraction <= 1.0, "train.decay_fraction", self.decay_fraction,
@@ -214,7 +220,7 @@ class PretrainToyConfig:
     train: ToyTrainConfig = field(default_factory=ToyTrainConfig)
 
 
-# --------------------------------------------------------------------------- monitor sweep
+# --------------------------------------------------------------------------- sweep
 
 
 @dataclass
@@ -227,9 +233,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     # the embedding progress measure (MED) runs over the tokens "0".."residue_tokens-1"; 0 = off
     residue_tokens: int = 0
-    # package.module:function returning a moegrok.adapters.MoeAdapter, used for every checkpoint instead
+    # package.module:function returning a moegrok.routing.adapters.MoeAdapter, used for every checkpoint instead
     # of the built-in one (e.g. a family moegrok does not know); each record actor imports it by name.
-    # "" = the built-in adapter of the model's family (moegrok/families.py)
+    # "" = the built-in adapter of the model's family (moegrok/routing/families.py)
     adapter: str = ""
 
     def __post_init__(self) -> None:
@@ -266,7 +272,7 @@ class CheckpointsConfig:
 
 @dataclass
 class SamplesConfig:
-    """Training samples to monitor (config group `samples/`)."""
+    """Training samples whose routing a sweep records (config group `samples/`)."""
 
     paths: list[str] = field(default_factory=list)  # jsonl / parquet with id, group, text | prompt+completion
     groups: list[str] = field(default_factory=list)  # empty = every group in the files
@@ -286,7 +292,7 @@ class RecordConfig:
     max_tokens_per_batch: int = 16384
     loss_chunk_tokens: int = 4096
     keep_input_ids: bool = True  # the input_ids column (vocabulary specialization needs it)
-    storage: Storage = Storage.tokens  # compact: a fraction of the bytes (README "Scale")
+    storage: Storage = Storage.tokens  # compact: a fraction of the bytes (docs/scale.md)
     token_samples_per_group: int = 64  # compact: samples per group that keep token-level routing
     num_actors: int = 1
     num_gpus: float = -1  # per actor; -1 = 1 when the cluster has GPUs, else 0
@@ -327,8 +333,24 @@ class MemorizationConfig:
 
 
 @dataclass
+class RoutingAnalysesConfig:
+    """The OLMoE paper's routing analyses (saturation, co-activation, specialization, load)."""
+
+    enabled: bool = True
+    # saturation is always measured against the previous checkpoint (a monitor); and against this
+    # one: "last" (the paper's form; retrospective), a checkpoint name, or "none"
+    saturation_reference: str = "last"
+    vocab_min_count: int = 10  # token ids seen fewer times are left out of vocabulary specialization
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_min_count >= 1, "metrics.routing_analyses.vocab_min_count", self.vocab_min_count, ">= 1")
+
+
+@dataclass
 class MetricsConfig:
-    threshold: float = 0.7  # cumulative routing-weight share kept in a pathway
+    # a pathway keeps a layer's top-ranked experts until their cumulative share of the layer's
+    # routing weight first exceeds this share
+    weight_share: float = 0.7
     # token positions a pathway averages over: all (the paper) | answer (positions predicting a
     # scored token). Each extra entry adds its metric columns with the suffix _<positions>.
     positions: list[Positions] = field(default_factory=lambda: [Positions.all])
@@ -337,22 +359,16 @@ class MetricsConfig:
     # metrics of all samples, and of the samples memorized by each checkpoint (the paper's loss
     # rule: retrospective, it needs the last checkpoint, so a new checkpoint recomputes them)
     sample_sets: list[SampleSet] = field(default_factory=lambda: [SampleSet.all, SampleSet.memorized])
-    # the OLMoE paper's routing analyses (saturation, co-activation, specialization, load)
-    routing_analyses: bool = True
-    # saturation is always measured against the previous checkpoint (a monitor); and against this
-    # one: "last" (the paper's form; retrospective), a checkpoint name, or "none"
-    saturation_reference: str = "last"
-    vocab_min_count: int = 10  # token ids seen fewer times are left out of vocabulary specialization
+    routing_analyses: RoutingAnalysesConfig = field(default_factory=RoutingAnalysesConfig)
     memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.threshold < 1.0, "metrics.threshold", self.threshold, "a number in (0, 1)")
+        _check(0.0 < self.weight_share < 1.0, "metrics.weight_share", self.weight_share, "a number in (0, 1)")
         self.positions = [_choice(Positions, p, "metrics.positions") for p in self.positions]
         self.sample_sets = [_choice(SampleSet, s, "metrics.sample_sets") for s in self.sample_sets]
         _check(SampleSet.all in self.sample_sets, "metrics.sample_sets", self.sample_sets, "a list with all")
         _check(len(self.positions) > 0 and len(set(self.positions)) == len(self.positions), "metrics.positions",
                self.positions, "a non-empty list of distinct positions")
-        _check(self.vocab_min_count >= 1, "metrics.vocab_min_count", self.vocab_min_count, ">= 1")
         _check(self.max_pairs > 0, "metrics.max_pairs", self.max_pairs, "> 0")
 
 
@@ -401,7 +417,8 @@ class EvalConfig:
 class TuneConfig:
     """Optional LoRA instruction tuning of every checkpoint before evaluation (group `tune/`)."""
 
-    method: TuneMethod = TuneMethod.none
+    enabled: bool = False
+    method: TuneMethod = TuneMethod.lora
     data: str | None = None  # jsonl with prompt, completion; None = the sweep's prompt/completion samples
     max_examples: int = 0  # 0 = all
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
@@ -440,7 +457,7 @@ class AnalysisConfig:
     min_n: int = 8  # no correlation from fewer checkpoints
     # the between-group contrast: a group known not to generalize (null: the other groups' mean)
     control: str | None = None
-    bootstrap: int = 200  # bootstrap draws over samples for the contrast's intervals
+    num_draws: int = 200  # bootstrap draws over samples for the contrast's intervals
 
     def __post_init__(self) -> None:
         self.sample_set = _choice(SampleSet, self.sample_set, "analysis.sample_set")
@@ -448,7 +465,7 @@ class AnalysisConfig:
         _check(0.0 < self.memorized_accuracy <= 1.0, "analysis.memorized_accuracy", self.memorized_accuracy,
                "a number in (0, 1]")
         _check(self.min_n >= 4, "analysis.min_n", self.min_n, ">= 4")
-        _check(self.bootstrap >= 20, "analysis.bootstrap", self.bootstrap, ">= 20")
+        _check(self.num_draws >= 20, "analysis.num_draws", self.num_draws, ">= 20")
         _check(self.control is None or bool(self.control), "analysis.control", self.control,
                "a group name or null")
 
@@ -497,7 +514,7 @@ class WatchConfig:
 
 
 @dataclass
-class MonitorConfig:
+class SweepConfig:
     run_dir: str = MISSING
     stage: Stage = Stage.all
     progress: bool = True
@@ -545,17 +562,18 @@ class StudyZooConfig:
 
 @dataclass
 class DetectorConfig:
-    """The detector's calibration grid and cost (moegrok/detector_eval.py)."""
+    """The detector's calibration grid and cost (moegrok/analysis/calibration.py)."""
 
-    thresholds: list[float] = field(
+    z_thresholds: list[float] = field(
         default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0])  # z units
     persistence: list[int] = field(default_factory=lambda: [1, 2, 3])
-    spike_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1.0, 2.0])
+    # a training-loss rise (nats) above its running minimum since memorization
+    spike_loss_rises: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1.0, 2.0])
     miss_cost: float = 300.0  # steps charged for a miss or a false alarm
     margin: float = 50.0  # a detector beats a baseline only if its cost is lower by this much (one checkpoint)
 
     def __post_init__(self) -> None:
-        for key in ("thresholds", "spike_thresholds"):
+        for key in ("z_thresholds", "spike_loss_rises"):
             values = getattr(self, key)
             _check(len(values) > 0 and all(v > 0 for v in values), f"detector.{key}", values,
                    "a non-empty list of numbers > 0")
@@ -576,8 +594,8 @@ class StudyConfig:
     zoos: list[StudyZooConfig] = field(default_factory=list)
     extra_zoos: list[StudyZooConfig] = field(default_factory=list)  # trained elsewhere: each needs a `dir`
     control: str | None = None  # analysis.control of every sweep
-    bootstrap: int = 200
-    thresholds: list[float] = field(default_factory=lambda: [0.7])  # pathway thresholds of the correlation rows
+    num_draws: int = 200  # analysis.num_draws of every sweep
+    weight_shares: list[float] = field(default_factory=lambda: [0.7])  # metrics.weight_share of the correlation rows
     samples_per_group: int = 100
     eval_engine: Engine = Engine.hf
     eval_items: int = 600
@@ -592,14 +610,35 @@ class StudyConfig:
         roles = {z.role for z in self.zoos}
         _check(not self.zoos or roles == set(ZooRole), "zoos", sorted(roles),
                "at least one calibration and one evaluation zoo")
-        _check(all(0.0 < t < 1.0 for t in self.thresholds) and self.thresholds, "thresholds", self.thresholds,
-               "a non-empty list of numbers in (0, 1)")
+        _check(all(0.0 < t < 1.0 for t in self.weight_shares) and self.weight_shares, "weight_shares",
+               self.weight_shares, "a non-empty list of numbers in (0, 1)")
         _check(self.samples_per_group > 0, "samples_per_group", self.samples_per_group, "> 0")
         _check(self.eval_items >= 0, "eval_items", self.eval_items, ">= 0 (0 = all)")
-        _check(self.bootstrap >= 20, "bootstrap", self.bootstrap, ">= 20")
+        _check(self.num_draws >= 20, "num_draws", self.num_draws, ">= 20")
 
 
 # --------------------------------------------------------------------------- registration
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_config(config_name: str, overrides: list[str]) -> Any:
+    """A job's config (`conf/<config_name>.yaml`) as Hydra composes it with these command-line
+    overrides, as its dataclass: the way the study and the tests build a sweep's config. Inside a
+    running Hydra job it uses that job's search path; else conf/ beside this package."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    register_configs()
+    if GlobalHydra.instance().is_initialized():
+        return OmegaConf.to_object(compose(config_name=config_name, overrides=overrides))
+    if not CONF_DIR.is_dir():
+        raise ConfigError(f"no config directory at {CONF_DIR}: moegrok's conf/ is found beside its package "
+                          "(run from a checkout, or `pip install -e .`)")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name=config_name, overrides=overrides))
 
 
 def register_configs() -> None:
@@ -611,5 +650,5 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("ray_address", ray_address, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="pretrain_toy_schema", node=PretrainToyConfig)
-    cs.store(name="monitor_schema", node=MonitorConfig)
+    cs.store(name="sweep_schema", node=SweepConfig)
     cs.store(name="study_schema", node=StudyConfig)

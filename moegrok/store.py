@@ -226,7 +226,7 @@ def run_lock(root: Path) -> Iterator[None]:
 
 
 class RunDir:
-    """Paths of one sweep's run directory (layout in the README)."""
+    """Paths of one sweep's run directory (layout in the README, "Run directory")."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -242,7 +242,7 @@ class RunDir:
         self.accuracy = self.root / "accuracy.parquet"
         self.correlations = self.root / "correlations.parquet"
         self.onsets = self.root / "onsets.parquet"
-        self.contrast = self.root / "contrast.parquet"  # between-group contrast (moegrok/contrast_table.py)
+        self.contrast = self.root / "contrast.parquet"  # between-group contrast (moegrok/analysis/contrast.py)
         self.failures = self.root / "failures.parquet"
         self.stages = self.root / "stages.parquet"  # the last invocation's per-stage summary
         self.report = self.root / "report.html"

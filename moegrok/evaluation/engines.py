@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from moegrok.batching import length_buckets
+from moegrok.data.batching import length_buckets
 
 Tokens = list[int]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moegrok.evaluation.benchmarks import BenchmarkError
+from moegrok.errors import BenchmarkError
 
 OUTPUT_TYPES = ("multiple_choice", "generate_until")
 FEWSHOT_SEED = 1234  # lm_eval's default fewshot_random_seed

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from moegrok.evaluation.benchmarks import Item
+from moegrok.evaluation.items import Item
 from moegrok.evaluation.lm_eval_tasks import LmEvalItem, lm_eval_results, primary_scores
 from moegrok.evaluation.sandbox import run_python
 

@@ -1,12 +1,24 @@
-"""The Ray programs of a sweep. This package is the only place that imports ray."""
+"""The sweep on Ray: `run_sweep` (sweep.py) runs the stages in order into one run directory, each
+stage (record.py, reduce.py with reduce_analyses.py, tune.py, evaluate.py, analyze.py, report.py)
+says what its units are, and the one executor (executor.py) runs them on actors or tasks, skipping
+what is done; cluster.py starts or joins Ray, reaper.py kills what a killed driver leaves behind,
+watch.py follows a checkpoint directory being written.
 
-__all__ = ["run_monitor", "watch"]
+The only package that imports ray. Imports: every package below it (data, routing, metrics,
+analysis, report, evaluation) and the top-level modules; never study or toy.
+"""
+
+__all__ = ["run_sweep", "run_watch"]
 
 
 def __getattr__(name: str):
     # lazy, so Ray workers that only need one stage's functions do not import the whole sweep
-    if name in __all__:
-        from moegrok.pipeline import run
+    if name == "run_sweep":
+        from moegrok.pipeline.sweep import run_sweep
 
-        return getattr(run, name)
+        return run_sweep
+    if name == "run_watch":
+        from moegrok.pipeline.watch import run_watch
+
+        return run_watch
     raise AttributeError(name)

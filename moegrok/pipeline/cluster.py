@@ -10,8 +10,8 @@ from pathlib import Path
 
 import ray
 
-from moegrok.config import ClusterConfig, ConfigError, EvalConfig, RecordConfig, TuneConfig, ray_address
-from moegrok.errors import UserError
+from moegrok.config import ClusterConfig, EvalConfig, RecordConfig, TuneConfig, ray_address
+from moegrok.errors import ConfigError, UserError
 from moegrok.pipeline.reaper import start_reaper
 
 
@@ -48,14 +48,17 @@ def init_ray(cfg: ClusterConfig) -> None:
                                   f"the cluster at address={address!r} brings its own resources (set it to null)")
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    logging.getLogger("ray").setLevel(logging.WARNING)
+    # Workers' output stays in Ray's session logs (/tmp/ray/session_latest/logs): what a unit did
+    # wrong reaches the sweep as its failure row, and a lost node's raylet dump is not the sweep's.
     if address != "local":
         check_reachable(address, timeout_s=cfg.connect_timeout_s)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:  # a new instance of our own, never whatever cluster last ran on this machine
+        # Ray turns token authentication on for a new local cluster, and warns that it did at every
+        # start: the default stays, the warning goes
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False,
-                 log_to_driver=True)
+                 log_to_driver=False, logging_level=logging.WARNING)
         start_reaper()  # nothing of it outlives this process, also when it is killed
 
 

@@ -8,12 +8,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 import ray
 
-from moegrok.checkpoints import CheckpointRef, check_local_dir, local_path, resolve_dtype
-from moegrok.config import Engine, MonitorConfig
-from moegrok.evaluation.benchmarks import BenchmarkError, Item, content_digest, load_benchmark
+from moegrok.config import Engine, SweepConfig
+from moegrok.data.checkpoints import CheckpointRef, check_local_dir, local_path, resolve_dtype
+from moegrok.errors import BenchmarkError
+from moegrok.evaluation.items import Item, content_digest, load_benchmark
 from moegrok.evaluation.scoring import SCORING_VERSION, accuracy_rows, score_items
 from moegrok.pipeline.cluster import actor_options, init_ray
-from moegrok.pipeline.runner import ActorPool, StageResult, Unit, UnitWorker, run_stage
+from moegrok.pipeline.executor import ActorPool, StageResult, Unit, UnitWorker, run_stage
 from moegrok.store import (
     TUNED_SUFFIX,
     RunDir,
@@ -25,7 +26,7 @@ from moegrok.store import (
 )
 
 
-def make_engine(cfg: MonitorConfig):
+def make_engine(cfg: SweepConfig):
     import torch  # here, on the engine actor: the driver plans units without torch
 
     from moegrok.evaluation.engines import HFEngine, VLLMEngine
@@ -43,7 +44,7 @@ def make_engine(cfg: MonitorConfig):
 class EvalWorker(UnitWorker):
     """One engine; checkpoints are swapped into it one after another."""
 
-    def __init__(self, cfg: MonitorConfig, benchmarks: dict[str, list[Item]]) -> None:
+    def __init__(self, cfg: SweepConfig, benchmarks: dict[str, list[Item]]) -> None:
         self.cfg, self.benchmarks = cfg, benchmarks
         self.engine = make_engine(cfg)
         self.loaded: str | None = None
@@ -62,7 +63,7 @@ class EvalWorker(UnitWorker):
         return {"items": len(scored)}
 
 
-def load_benchmarks(cfg: MonitorConfig) -> tuple[dict[str, list[Item]], dict[str, str], list[dict]]:
+def load_benchmarks(cfg: SweepConfig) -> tuple[dict[str, list[Item]], dict[str, str], list[dict]]:
     """Benchmarks by name (subsampled to eval.max_items), their content hashes, and failure rows:
     a malformed item (named file:line) is left out, a benchmark that cannot load at all is one row."""
     benchmarks, hashes, failures = {}, {}, []
@@ -85,7 +86,7 @@ def load_benchmarks(cfg: MonitorConfig) -> tuple[dict[str, list[Item]], dict[str
     return benchmarks, hashes, failures
 
 
-def evaluate_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
+def evaluate_stage(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
     benchmarks, hashes, load_failures = load_benchmarks(cfg)
     settings = {f"eval.{key}": getattr(cfg.eval, key) for key in (
         "engine", "max_new_tokens", "max_items", "code_timeout_s")}

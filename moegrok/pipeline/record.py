@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import ray
 
-from moegrok.checkpoints import CheckpointRef, load_checkpoint
-from moegrok.compact import compact_table
-from moegrok.config import MonitorConfig, Storage
+from moegrok.config import Storage, SweepConfig
+from moegrok.data.checkpoints import CheckpointRef, load_checkpoint
+from moegrok.data.samples import TokenizedSample
+from moegrok.metrics.compact import compact_table
 from moegrok.pipeline.cluster import actor_options, init_ray
-from moegrok.pipeline.runner import ActorPool, StageResult, Unit, UnitWorker, run_stage
+from moegrok.pipeline.executor import ActorPool, StageResult, Unit, UnitWorker, run_stage
 from moegrok.pipeline.shards import Shards
-from moegrok.samples import TokenizedSample
 from moegrok.store import RunDir, invalidate, write_bytes, write_parquet
 
 
 class RecordWorker(UnitWorker):
     """Holds one checkpoint at a time and records sample shards on it."""
 
-    def __init__(self, cfg: MonitorConfig, run_root: str) -> None:
+    def __init__(self, cfg: SweepConfig, run_root: str) -> None:
         import torch  # here, on the actor: the driver plans units without torch
 
         self.cfg, self.run = cfg, RunDir(run_root)
@@ -28,8 +28,8 @@ class RecordWorker(UnitWorker):
         self.tokenizer = None
 
     def _load(self, ref: CheckpointRef) -> None:
-        from moegrok.adapters import load_adapter
-        from moegrok.routing import RoutingRecorder
+        from moegrok.routing.adapters import load_adapter
+        from moegrok.routing.recorder import RoutingRecorder
 
         if self.name == ref.name:
             return
@@ -45,7 +45,7 @@ class RecordWorker(UnitWorker):
     def _checkpoint_weights(self) -> bytes:
         from safetensors.torch import save
 
-        from moegrok.routing import input_embeddings, router_weights
+        from moegrok.routing.recorder import input_embeddings, router_weights
 
         model = self.recorder.model
         tensors = {"routers": router_weights(model, adapter=self.recorder.adapter).contiguous()}
@@ -84,7 +84,7 @@ def token_samples(members: list[list[tuple[str, str]]], *, per_group: int) -> se
     return keep
 
 
-def record_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef], shards: Shards) -> StageResult:
+def record_stage(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef], shards: Shards) -> StageResult:
     """Record every (checkpoint, shard) unit not already done with the same inputs. Shard 0 of a
     checkpoint also writes its weights file."""
     settings = {f"model.{key}": getattr(cfg.model, key) for key in (

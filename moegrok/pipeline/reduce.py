@@ -25,14 +25,14 @@ import pyarrow.parquet as pq
 import ray
 from safetensors.numpy import load_file
 
-from moegrok.checkpoints import CheckpointRef
-from moegrok.config import MemorizationConfig, MonitorConfig, SampleSet, as_plain, config_yaml
-from moegrok.embedding import main_embedding_diff, main_embedding_diff_cyclic
-from moegrok.memorization import select_memorized
-from moegrok.metrics_table import checkpoint_features, set_row
-from moegrok.pipeline import analyses
+from moegrok.config import MemorizationConfig, SampleSet, SweepConfig, as_plain, config_yaml
+from moegrok.data.checkpoints import CheckpointRef
+from moegrok.metrics.embedding import main_embedding_diff, main_embedding_diff_cyclic
+from moegrok.metrics.memorization import select_memorized
+from moegrok.metrics.table import checkpoint_features, set_row
 from moegrok.pipeline.cluster import init_ray
-from moegrok.pipeline.runner import StageResult, TaskPool, Unit, run_stage
+from moegrok.pipeline.executor import StageResult, TaskPool, Unit, run_stage
+from moegrok.pipeline.reduce_analyses import analysis_units, assemble_analyses, computes
 from moegrok.store import RunDir, done_fingerprint, failure_row, fingerprint, read_tags, write_parquet
 
 
@@ -44,9 +44,9 @@ def _checkpoint_weights(path: str) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- units (on Ray workers)
 
 
-def compute_features(unit: Unit, *, threshold: float, positions: list[str]) -> dict:
+def compute_features(unit: Unit, *, weight_share: float, positions: list[str]) -> dict:
     routers_LED = _checkpoint_weights(unit.payload["weights"])["routers"]
-    features = checkpoint_features(pq.read_table(unit.payload["routing"]), routers_LED, threshold=threshold,
+    features = checkpoint_features(pq.read_table(unit.payload["routing"]), routers_LED, weight_share=weight_share,
                                    positions=positions)
     write_parquet(features, unit.output)
     return {"rows": len(features)}
@@ -95,7 +95,7 @@ def features_path(run: RunDir, checkpoint: str, shard: int) -> Path:
     return run.sample_metrics / checkpoint / f"shard{shard:05d}.parquet"
 
 
-def _tasks(cfg: MonitorConfig):
+def _tasks(cfg: SweepConfig):
     """Executor factory: the compute function on Ray tasks, one CPU each (Ray starts on first use)."""
     def executor(compute):
         def make(todo: list[Unit]) -> TaskPool:
@@ -119,78 +119,109 @@ def _combine(stage: str, results: list[StageResult]) -> StageResult:
     return combined
 
 
-def reduce_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef], num_shards: int) -> StageResult:
-    metrics_cfg = cfg.metrics
-    positions = [str(p) for p in metrics_cfg.positions]
-    parts = run.root / "parts"
-    recorded = {}  # (checkpoint, shard) -> (routing file, its fingerprint), recorded units only
+def _recorded(run: RunDir, refs: list[CheckpointRef], num_shards: int) -> dict[tuple[str, int], tuple[Path, str]]:
+    """(checkpoint, shard) -> (routing file, its fingerprint), of the recorded units only."""
+    recorded = {}
     for ref in refs:
         for index in range(num_shards):
             path = run.routing_shard(ref.name, index)
             if (print_ := done_fingerprint(path)) is not None:
                 recorded[ref.name, index] = (path, print_)
+    return recorded
+
+
+def feature_units(cfg: SweepConfig, run: RunDir, recorded: dict) -> list[Unit]:
+    """One unit per recorded routing shard: its per-sample pathway features."""
+    positions = [str(p) for p in cfg.metrics.positions]
+    return [Unit(f"{name}/shard{index:05d}", name, features_path(run, name, index),
+                 {"routing": routing_print, "metrics.weight_share": cfg.metrics.weight_share,
+                  "metrics.positions": positions},
+                 payload={"routing": str(path), "weights": str(run.checkpoint_weights(name))})
+            for (name, index), (path, routing_print) in recorded.items()]
+
+
+def complete_features(units: list[Unit]) -> dict[str, list[Unit]]:
+    """checkpoint -> its feature units, for the checkpoints whose every recorded shard has them."""
+    features: dict[str, list[Unit]] = {}
+    for unit in units:
+        features.setdefault(unit.checkpoint, []).append(unit)
+    return {name: units for name, units in features.items()
+            if all(done_fingerprint(u.output) == u.fingerprint for u in units)}
+
+
+def memorized_units(cfg: SweepConfig, parts: Path, groups: list[str], features: dict[str, list[Unit]]) -> list[Unit]:
+    """One unit per data group, over every checkpoint's features (the loss rule needs them all);
+    none unless the memorized sample set is asked for."""
+    if SampleSet.memorized not in cfg.metrics.sample_sets:
+        return []
+    every_feature = [u for units in features.values() for u in units]
+    return [Unit(f"memorized/{group}", "*", parts / "memorized" / f"group{index:04d}.parquet",
+                 {"features": sorted(u.fingerprint for u in every_feature), "group": group,
+                  "metrics.memorization": as_plain(cfg.metrics.memorization)},
+                 payload={"group": group, "features": [str(u.output) for u in every_feature]})
+            for index, group in enumerate(groups)]
+
+
+def metric_units(cfg: SweepConfig, run: RunDir, parts: Path, refs: list[CheckpointRef], groups: list[str],
+                 features: dict[str, list[Unit]], memorized: list[Unit], memorized_prints: dict[int, str] | None
+                 ) -> list[Unit]:
+    """One unit per checkpoint x sample set (the memorized set only when `memorized_prints`)."""
+    metrics = cfg.metrics
+    settings = {"metrics.positions": [str(p) for p in metrics.positions], "metrics.max_pairs": metrics.max_pairs,
+                "metrics.seed": metrics.seed, "groups": groups}
+    sample_sets = [SampleSet.all] if memorized_prints is None else [SampleSet.all, SampleSet.memorized]
+    return [Unit(f"{ref.name}/{sample_set}", ref.name, parts / "metrics" / ref.name / f"{sample_set}.parquet",
+                 {"features": [u.fingerprint for u in features[ref.name]], "sample set": str(sample_set),
+                  "memorized set": memorized_prints[ref.step] if sample_set == SampleSet.memorized else None,
+                  **settings},
+                 payload={"ref": ref, "sample_set": sample_set, "features": [str(u.output) for u in features[ref.name]],
+                          "memorized": [str(u.output) for u in memorized], "groups": groups,
+                          "weights": str(run.checkpoint_weights(ref.name))})
+            for ref in refs if ref.name in features for sample_set in sample_sets]
+
+
+def reduce_stage(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef], num_shards: int) -> StageResult:
+    """Features per routing shard, the memorized set per group, metrics per checkpoint x sample
+    set, the routing analyses per checkpoint; then the published tables."""
+    metrics_cfg = cfg.metrics
+    positions = [str(p) for p in metrics_cfg.positions]
+    parts = run.root / "parts"
+    recorded = _recorded(run, refs, num_shards)
     if not recorded:
         return StageResult("reduce", failures=[failure_row(
             "reduce", "*", "NothingToReduce", f"no recorded routing in {run.root / 'routing'}: the record stage "
             "has not run, or every unit of it failed (see its failure rows)")])
     tasks = _tasks(cfg)
 
-    feature_units = [
-        Unit(f"{name}/shard{index:05d}", name, features_path(run, name, index),
-             {"routing": routing_print, "metrics.threshold": metrics_cfg.threshold, "metrics.positions": positions},
-             payload={"routing": str(path), "weights": str(run.checkpoint_weights(name))})
-        for (name, index), (path, routing_print) in recorded.items()]
-    results = [run_stage("reduce features", feature_units, tasks(functools.partial(
-        compute_features, threshold=metrics_cfg.threshold, positions=positions)), progress=cfg.progress)]
-    features: dict[str, list[Unit]] = {}  # checkpoint -> its feature units, when every recorded shard has them
-    for unit in feature_units:
-        features.setdefault(unit.checkpoint, []).append(unit)
-    features = {name: units for name, units in features.items()
-                if all(done_fingerprint(u.output) == u.fingerprint for u in units)}
+    features_todo = feature_units(cfg, run, recorded)
+    results = [run_stage("reduce features", features_todo, tasks(functools.partial(
+        compute_features, weight_share=metrics_cfg.weight_share, positions=positions)), progress=cfg.progress)]
+    features = complete_features(features_todo)
 
-    memo = metrics_cfg.memorization
     groups = sorted(set(pd.read_parquet(run.samples, columns=["group"])["group"]))
-    every_feature = [u for units in features.values() for u in units]
-    memorized_units = [Unit(f"memorized/{group}", "*", parts / "memorized" / f"group{index:04d}.parquet",
-                            {"features": sorted(u.fingerprint for u in every_feature), "group": group,
-                             "metrics.memorization": as_plain(memo)},
-                            payload={"group": group, "features": [str(u.output) for u in every_feature]})
-                       for index, group in enumerate(groups) if SampleSet.memorized in metrics_cfg.sample_sets]
-    results.append(run_stage("reduce memorized", memorized_units,
-                             tasks(functools.partial(compute_memorized, memo=memo)), progress=False))
-    memorized = _finished(memorized_units)
-    sample_sets = [SampleSet.all]
-    if memorized_units and len(memorized) == len(memorized_units):
-        memorized, sample_sets = pd.concat(memorized, ignore_index=True), [SampleSet.all, SampleSet.memorized]
+    memorized_todo = memorized_units(cfg, parts, groups, features)
+    results.append(run_stage("reduce memorized", memorized_todo,
+                             tasks(functools.partial(compute_memorized, memo=metrics_cfg.memorization)),
+                             progress=False))
+    memorized = _finished(memorized_todo)
+    if memorized_todo and len(memorized) == len(memorized_todo):
+        memorized = pd.concat(memorized, ignore_index=True)
+        memorized_prints = _memorized_prints(memorized, [ref.step for ref in refs])
     else:  # not asked for, or a group's unit failed: metrics of all samples only
         memorized = pd.DataFrame({"sample_id": [], "group": [], "eps": [], "memorized_since": []})
-    memorized_prints = _memorized_prints(memorized, [ref.step for ref in refs])
+        memorized_prints = None
 
-    settings = {"metrics.positions": positions, "metrics.max_pairs": metrics_cfg.max_pairs,
-                "metrics.seed": metrics_cfg.seed, "groups": groups}
-    metric_units = [
-        Unit(f"{ref.name}/{sample_set}", ref.name, parts / "metrics" / ref.name / f"{sample_set}.parquet",
-             {"features": [u.fingerprint for u in features[ref.name]], "sample set": str(sample_set),
-              "memorized set": memorized_prints[ref.step] if sample_set == SampleSet.memorized else None, **settings},
-             payload={"ref": ref, "sample_set": sample_set, "features": [str(u.output) for u in features[ref.name]],
-                      "memorized": [str(u.output) for u in memorized_units], "groups": groups,
-                      "weights": str(run.checkpoint_weights(ref.name))})
-        for ref in refs if ref.name in features for sample_set in sample_sets]
-    results.append(run_stage("reduce metrics", metric_units, tasks(functools.partial(
+    metrics_todo = metric_units(cfg, run, parts, refs, groups, features, memorized_todo, memorized_prints)
+    results.append(run_stage("reduce metrics", metrics_todo, tasks(functools.partial(
         compute_metrics, positions=positions, max_pairs=metrics_cfg.max_pairs, seed=metrics_cfg.seed)),
         progress=cfg.progress))
-    analysis_units: dict[str, list[Unit]] = {"analyses": [], "saturation": [], "reference": []}
-    if metrics_cfg.routing_analyses:
-        analysis_units = analyses.analysis_units(cfg, run, refs, recorded, parts)
-        computes = {"analyses": functools.partial(analyses.compute_analyses,
-                                                  vocab_min_count=metrics_cfg.vocab_min_count),
-                    "saturation": functools.partial(analyses.compute_saturation,
-                                                    vocab_min_count=metrics_cfg.vocab_min_count),
-                    "reference": analyses.compute_reference}
-        for kind, compute in computes.items():
-            results.append(run_stage(f"reduce {kind}", analysis_units[kind], tasks(compute), progress=cfg.progress))
+    analyses_todo: dict[str, list[Unit]] = {"analyses": [], "saturation": [], "reference": []}
+    if metrics_cfg.routing_analyses.enabled:
+        analyses_todo = analysis_units(cfg, run, refs, recorded, parts)
+        for kind, compute in computes(cfg.metrics.routing_analyses).items():
+            results.append(run_stage(f"reduce {kind}", analyses_todo[kind], tasks(compute), progress=cfg.progress))
     result = _combine("reduce", results)
-    if not _publish(run, cfg, memorized, metric_units, analysis_units, memorized_units):
+    if not _publish(run, cfg, memorized, metrics_todo, analyses_todo, memorized_todo):
         result.failures.append(failure_row("reduce", "*", "NothingToReduce",
                                            "no checkpoint has metrics: every reduce unit of them failed"))
     return result
@@ -214,7 +245,7 @@ def _finished(units: list[Unit]) -> list[pd.DataFrame]:
     return [pd.read_parquet(unit.output) for unit in units if done_fingerprint(unit.output) == unit.fingerprint]
 
 
-def _publish(run: RunDir, cfg: MonitorConfig, memorized: pd.DataFrame, metric_units: list[Unit],
+def _publish(run: RunDir, cfg: SweepConfig, memorized: pd.DataFrame, metric_units: list[Unit],
              analysis_units: dict[str, list[Unit]], memorized_units: list[Unit]) -> bool:
     """Write the reduce's tables from the finished parts, every one tagged with the same
     fingerprint of the parts (analyze refuses to mix tables of two reduces); skipped when the
@@ -234,7 +265,7 @@ def _publish(run: RunDir, cfg: MonitorConfig, memorized: pd.DataFrame, metric_un
               for step in metrics["step"].unique()}
     metrics.insert(4, "num_memorized", [counts.get((g, s), 0)
                                         for g, s in zip(metrics["group"], metrics["step"], strict=True)])
-    tables = analyses.assemble_analyses(analysis_units, _finished)
+    tables = assemble_analyses(analysis_units, _finished)
     if analysis_units["analyses"]:
         metrics = metrics.merge(tables["means"], on=["checkpoint", "group"], how="left")
     write_parquet(metrics.sort_values(["step", "checkpoint", "group", "sample_set"], ignore_index=True), run.metrics,

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from moegrok.checkpoints import CheckpointError, CheckpointRef, local_path
-from moegrok.config import MonitorConfig, as_plain
-from moegrok.samples import SampleError, TokenizedSample, select_samples, shard_samples, tokenize_samples
+from moegrok.config import SweepConfig, as_plain
+from moegrok.data.checkpoints import CheckpointRef, local_path
+from moegrok.data.samples import TokenizedSample, select_samples, shard_samples, tokenize_samples
+from moegrok.errors import CheckpointError, SampleError
 from moegrok.store import RunDir, failure_row, fingerprint, read_tags, write_parquet
 
 
@@ -31,7 +32,7 @@ def tokens_fingerprint(shard: list[TokenizedSample]) -> str:
     return fingerprint([(s.sample_id, s.group, s.num_prompt_tokens, s.input_ids.tobytes().hex()) for s in shard])
 
 
-def _tokenize(cfg: MonitorConfig, refs: list[CheckpointRef]) -> tuple[list[list[TokenizedSample]], list[str]]:
+def _tokenize(cfg: SweepConfig, refs: list[CheckpointRef]) -> tuple[list[list[TokenizedSample]], list[str]]:
     from transformers import AutoTokenizer
 
     errors: list[str] = []
@@ -54,7 +55,7 @@ def _tokenize(cfg: MonitorConfig, refs: list[CheckpointRef]) -> tuple[list[list[
     return shards, errors
 
 
-def prepare_shards(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> Shards:
+def prepare_shards(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef]) -> Shards:
     """The sample shards; a malformed or untokenizable sample is a failure row naming it, no
     usable sample at all a user error."""
     key = fingerprint(as_plain(cfg.samples), cfg.model.trust_remote_code, refs[0].name, refs[0].content,

@@ -9,17 +9,17 @@ import hashlib
 import pandas as pd
 import ray
 
-from moegrok.checkpoints import CheckpointRef, check_local_dir, content_key, local_path, resolve_dtype
-from moegrok.config import MonitorConfig, as_plain
+from moegrok.config import SweepConfig, as_plain
+from moegrok.data.checkpoints import CheckpointRef, check_local_dir, content_key, local_path, resolve_dtype
+from moegrok.data.samples import select_samples
+from moegrok.evaluation.tuning import TuneResult, read_instructions, tune_checkpoint
 from moegrok.pipeline.cluster import actor_options, init_ray
-from moegrok.pipeline.runner import ActorPool, StageResult, Unit, UnitWorker, run_stage
-from moegrok.samples import select_samples
+from moegrok.pipeline.executor import ActorPool, StageResult, Unit, UnitWorker, run_stage
 from moegrok.store import TUNED_SUFFIX, RunDir, done_fingerprint
-from moegrok.tuning import TuneResult, read_instructions, tune_checkpoint
 
 
 class TuneWorker(UnitWorker):
-    def __init__(self, cfg: MonitorConfig, pairs: list[tuple[str, str]]) -> None:
+    def __init__(self, cfg: SweepConfig, pairs: list[tuple[str, str]]) -> None:
         import torch  # here, on the actor
 
         self.cfg, self.pairs = cfg, pairs
@@ -34,7 +34,7 @@ class TuneWorker(UnitWorker):
         return {"checkpoint": ref.name, **dataclasses.asdict(result)}
 
 
-def instruction_pairs(cfg: MonitorConfig) -> tuple[list[tuple[str, str]], str]:
+def instruction_pairs(cfg: SweepConfig) -> tuple[list[tuple[str, str]], str]:
     """The instruction data and its content hash: tune.data, else the sweep's prompt/completion samples."""
     if cfg.tune.data:
         pairs = read_instructions(cfg.tune.data, max_examples=cfg.tune.max_examples)
@@ -54,7 +54,7 @@ def tuned_refs(run: RunDir, refs: list[CheckpointRef]) -> list[CheckpointRef]:
     return [dataclasses.replace(ref, content=content_key(ref)) for ref in tuned]
 
 
-def tune_stage(cfg: MonitorConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
+def tune_stage(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
     pairs, data_hash = instruction_pairs(cfg)
     # what changes a tuned model: the method's hyper-parameters, not where or how often it runs
     settings = {f"tune.{k}": v for k, v in as_plain(cfg.tune).items()

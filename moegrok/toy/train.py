@@ -2,7 +2,7 @@
 
 Zoo directory:
   step{N}/                  config.json, model.safetensors, tokenizer files (from_pretrained / vLLM)
-  samples.jsonl             train split: id, group, prompt, completion (the monitored samples)
+  samples.jsonl             train split: id, group, prompt, completion (the training samples a sweep records)
   benchmark.jsonl           held-out split: id, group, kind="exact", prompt, answer
   train_log.parquet         step, group, lr, train_loss, train_acc, heldout_loss, heldout_acc
   train_state/latest.safetensors   optimizer state of the newest checkpoint (for resuming)
@@ -25,9 +25,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import OlmoeForCausalLM, PreTrainedTokenizerFast
 
-from moegrok.config import ConfigError, PretrainToyConfig, Schedule, ToyTrainConfig, as_plain
-from moegrok.live import LiveMonitor
-from moegrok.samples import tokenize_samples
+from moegrok.config import PretrainToyConfig, Schedule, ToyTrainConfig, as_plain
+from moegrok.data.samples import tokenize_samples
+from moegrok.errors import ConfigError
+from moegrok.metrics.live import LiveMetrics
 from moegrok.store import atomic_path, write_parquet
 from moegrok.toy.data import make_examples
 from moegrok.toy.model import build_model
@@ -124,16 +125,15 @@ def _group_stats(prefix: str, split: Split, loss_N, correct_N, group_N) -> list[
     return rows
 
 
-def probe_monitor(cfg: PretrainToyConfig, train: pd.DataFrame, tokenizer) -> LiveMonitor | None:
-    """A live pathway monitor over a seeded sample of `monitor_samples_per_group` training
-    samples per group."""
-    per_group = cfg.train.monitor_samples_per_group
-    if per_group <= 0:
+def live_metrics(cfg: PretrainToyConfig, train: pd.DataFrame, tokenizer) -> LiveMetrics | None:
+    """Live pathway metrics over a seeded sample of `train.live_metrics.samples_per_group`
+    training samples per group (None when `train.live_metrics.enabled` is off)."""
+    if not cfg.train.live_metrics.enabled:
         return None
     shuffled = train.sample(frac=1.0, random_state=cfg.data.seed)
-    probe = shuffled.groupby("group", sort=False).head(per_group).assign(text=None)
-    return LiveMonitor(tokenize_samples(probe, tokenizer, max_tokens=64), every=cfg.train.log_every,
-                       positions=tuple(cfg.train.monitor_positions),
+    probe = shuffled.groupby("group", sort=False).head(cfg.train.live_metrics.samples_per_group).assign(text=None)
+    return LiveMetrics(tokenize_samples(probe, tokenizer, max_tokens=64), every=cfg.train.log_every,
+                       positions=tuple(cfg.train.live_metrics.positions),
                        residue_token_ids=residue_token_ids(tokenizer, cfg.data.p))
 
 
@@ -155,14 +155,81 @@ def _write_zoo_files(cfg: PretrainToyConfig, out: Path, examples: pd.DataFrame) 
     ].to_json(out / "benchmark.jsonl", orient="records", lines=True)
 
 
+class _ZooTrainer:
+    """The state of one training run of a zoo: data splits, model, optimizer, the training log; and
+    what happens at a step, a logging step and a checkpoint."""
+
+    def __init__(self, cfg: PretrainToyConfig) -> None:
+        self.cfg, self.out = cfg, Path(cfg.out_dir)
+        examples = make_examples(cfg.data)
+        _write_zoo_files(cfg, self.out, examples)
+        self.tokenizer = build_tokenizer(cfg.data.p)
+        self.groups = [g.name for g in cfg.data.groups]
+        self.train = Split.build(examples[examples["split"] == "train"], self.tokenizer, self.groups)
+        self.heldout = Split.build(examples[examples["split"] == "heldout"], self.tokenizer, self.groups)
+        self.live = live_metrics(cfg, examples[examples["split"] == "train"], self.tokenizer)
+        self.model = build_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
+                                           weight_decay=cfg.train.weight_decay,
+                                           betas=(cfg.train.beta1, cfg.train.beta2))
+        self.state_path = self.out / "train_state" / "latest.safetensors"
+        self.log_path = self.out / "train_log.parquet"
+        self.start, self.log_rows = 0, []
+        if self.state_path.exists():  # resume from the newest checkpoint
+            self.start = _load_optimizer(self.optimizer, self.state_path)
+            self.model.load_state_dict(OlmoeForCausalLM.from_pretrained(self.out / f"step{self.start}").state_dict())
+            if self.log_path.exists():
+                self.log_rows = pd.read_parquet(self.log_path).query("step <= @self.start").to_dict("records")
+        self.model.set_experts_implementation(cfg.train.experts_implementation)
+        self.model.set_attn_implementation(cfg.train.attn_implementation)
+
+    def save(self, step: int) -> None:
+        with atomic_path(self.out / f"step{step}", directory=True) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+        self.state_path.parent.mkdir(exist_ok=True)
+        _save_optimizer(self.optimizer, self.state_path, step)
+        write_parquet(pd.DataFrame(self.log_rows), self.log_path)
+
+    def log(self, step: int, lr: float) -> None:
+        """Per group: train and held-out loss and accuracy, and the live pathway metrics."""
+        model = self.model
+        model.eval()
+        with torch.no_grad():
+            stats = zip(_group_stats("train", self.train, *self.train.forward(model)),
+                        _group_stats("heldout", self.heldout, *self.heldout.forward(model)), strict=True)
+        pathway = {}
+        if self.live is not None:
+            pathway = {row["group"]: {k: v for k, v in row.items() if k not in ("step", "group")
+                                      and not k.startswith("loss_")} for row in self.live.measure(model, step)}
+        model.train()
+        self.log_rows.extend({"step": step, "lr": lr, **t, **h, **pathway.get(t["group"], {})} for t, h in stats)
+
+    def step(self, step: int) -> float:
+        """One full-batch optimizer step; returns its learning rate."""
+        lr = lr_at(step, self.cfg.train)
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = lr
+        loss = self.train.forward(self.model)[0].mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        return lr
+
+    def accuracy_postfix(self) -> dict[str, str]:
+        """train/held-out accuracy per group at the last logging step (the progress bar's)."""
+        return {r["group"]: f"{r['train_acc']:.2f}/{r['heldout_acc']:.2f}" for r in self.log_rows[-len(self.groups):]}
+
+
 def train_toy(
     cfg: PretrainToyConfig, *, progress: bool = True, on_step: StepHook | None = None
 ) -> Path:
     """Train (or resume) the zoo in `cfg.out_dir`; returns the zoo directory.
 
-    `on_step(model, step)` runs after every optimizer step. With
-    `train.monitor_samples_per_group` > 0 the live pathway monitor adds its metrics to the
-    training log at every logging step.
+    `on_step(model, step)` runs after every optimizer step. With `train.live_metrics.enabled` the
+    live pathway metrics of a probe set go into the training log at every logging step.
     """
     from transformers.utils import logging as hf_logging
 
@@ -170,80 +237,20 @@ def train_toy(
     train_cfg = cfg.train
     if train_cfg.num_threads:
         torch.set_num_threads(train_cfg.num_threads)
-    out = Path(cfg.out_dir)
-    examples = make_examples(cfg.data)
-    _write_zoo_files(cfg, out, examples)
-    tokenizer = build_tokenizer(cfg.data.p)
-    groups = [g.name for g in cfg.data.groups]
-    train = Split.build(examples[examples["split"] == "train"], tokenizer, groups)
-    heldout = Split.build(examples[examples["split"] == "heldout"], tokenizer, groups)
-
-    monitor = probe_monitor(cfg, examples[examples["split"] == "train"], tokenizer)
-    model = build_model(cfg.model, tokenizer, seed=train_cfg.seed)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=train_cfg.lr,
-        weight_decay=train_cfg.weight_decay,
-        betas=(train_cfg.beta1, train_cfg.beta2),
-    )
-    state_path = out / "train_state" / "latest.safetensors"
-    log_path = out / "train_log.parquet"
-    start, log_rows = 0, []
-    if state_path.exists():
-        start = _load_optimizer(optimizer, state_path)
-        weights = OlmoeForCausalLM.from_pretrained(out / f"step{start}").state_dict()
-        model.load_state_dict(weights)
-        if log_path.exists():
-            log_rows = pd.read_parquet(log_path).query("step <= @start").to_dict("records")
-    model.set_experts_implementation(train_cfg.experts_implementation)
-    model.set_attn_implementation(train_cfg.attn_implementation)
-
-    def save(step: int) -> None:
-        with atomic_path(out / f"step{step}", directory=True) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        state_path.parent.mkdir(exist_ok=True)
-        _save_optimizer(optimizer, state_path, step)
-        write_parquet(pd.DataFrame(log_rows), log_path)
-
-    def log(step: int, lr: float) -> None:
-        model.eval()
-        with torch.no_grad():
-            stats = zip(
-                _group_stats("train", train, *train.forward(model)),
-                _group_stats("heldout", heldout, *heldout.forward(model)),
-                strict=True,
-            )
-        pathway = {}
-        if monitor is not None:
-            pathway = {row["group"]: {k: v for k, v in row.items() if k not in ("step", "group")
-                                      and not k.startswith("loss_")} for row in monitor.measure(model, step)}
-        model.train()
-        log_rows.extend({"step": step, "lr": lr, **t, **h, **pathway.get(t["group"], {})} for t, h in stats)
-
-    if start == 0:
-        log(0, 0.0)
-        save(0)
-    model.train()
-    bar = tqdm(range(start + 1, train_cfg.max_steps + 1), desc="pretrain toy", disable=not progress,
-               initial=start, total=train_cfg.max_steps)
+    trainer = _ZooTrainer(cfg)
+    if trainer.start == 0:
+        trainer.log(0, 0.0)
+        trainer.save(0)
+    trainer.model.train()
+    bar = tqdm(range(trainer.start + 1, train_cfg.max_steps + 1), desc="pretrain toy", disable=not progress,
+               initial=trainer.start, total=train_cfg.max_steps)
     for step in bar:
-        lr = lr_at(step, train_cfg)
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
-        loss = train.forward(model)[0].mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-        optimizer.step()
+        lr = trainer.step(step)
         if on_step is not None:
-            on_step(model, step)
+            on_step(trainer.model, step)
         if step % train_cfg.log_every == 0 or step % train_cfg.save_every == 0:
-            log(step, lr)
-            bar.set_postfix(
-                {r["group"]: f"{r['train_acc']:.2f}/{r['heldout_acc']:.2f}" for r in log_rows[-len(groups):]}
-            )
+            trainer.log(step, lr)
+            bar.set_postfix(trainer.accuracy_postfix())
         if step % train_cfg.save_every == 0 or step == train_cfg.max_steps:
-            save(step)
-    return out
+            trainer.save(step)
+    return trainer.out

@@ -1,0 +1,281 @@
+"""Checkpoint catalog: local dirs, Hugging Face `repo@revision`, fsspec URLs -> CheckpointRef.
+
+Steps (and tokens) come from the checkpoint's name: OLMo-style `step5000-tokens20B`,
+`stage1-step150-tokens1B`, `step1000`, or a configured regex with named groups `step` and
+`tokens` (a number with unit M/B/T), or an explicit `steps` mapping in the config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from moegrok.config import CheckpointsConfig, ModelConfig
+from moegrok.errors import CheckpointError
+
+OLMO_NAME = re.compile(r"^(?:stage\d+-)?step(?P<step>\d+)(?:-tokens(?P<tokens>\d+(?:\.\d+)?[MBT]))?$")
+EXPECTED_FORMS = (
+    "step5000, step5000-tokens20B, stage1-step150-tokens1B (OLMo / OLMoE branch names), "
+    "or set checkpoints.step_regex (named groups `step`, `tokens`) or checkpoints.steps"
+)
+TOKEN_UNITS = {"M": 1e6, "B": 1e9, "T": 1e12}
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    name: str  # unique, used in run-directory paths
+    step: int
+    tokens: float | None  # training tokens seen, if the name says
+    uri: str  # local dir, HF repo id, or fsspec URL
+    revision: str | None = None  # HF revision (branch / tag / commit)
+    content: str = ""  # a cheap key of the checkpoint's files (`content_key`); "" = not looked at
+
+    @property
+    def identity(self) -> tuple:
+        """What names the checkpoint, apart from its content."""
+        return (self.name, self.step, self.tokens, self.uri, self.revision)
+
+    @property
+    def kind(self) -> str:
+        if self.revision is not None:
+            return "hub"
+        return "url" if "://" in self.uri and not self.uri.startswith("file://") else "local"
+
+
+def parse_name(name: str, *, step_regex: str | None = None, steps: dict[str, int] | None = None):
+    """(step, tokens) from a checkpoint name."""
+    if steps and name in steps:
+        return int(steps[name]), None
+    pattern = re.compile(step_regex) if step_regex else OLMO_NAME
+    match = pattern.search(name) if step_regex else pattern.match(name)
+    if match is None or match.groupdict().get("step") is None:
+        raise CheckpointError(f"checkpoint {name!r}: cannot read a step from its name; expected {EXPECTED_FORMS}")
+    tokens = match.groupdict().get("tokens")
+    if tokens:
+        unit = tokens[-1].upper()
+        if unit not in TOKEN_UNITS:
+            raise CheckpointError(f"checkpoint {name!r}: token count {tokens!r} needs a unit M, B or T")
+        tokens = float(tokens[:-1]) * TOKEN_UNITS[unit]
+    return int(match["step"]), tokens
+
+
+def _entry_ref(entry: str, cfg: CheckpointsConfig) -> CheckpointRef:
+    if "://" in entry:
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        return CheckpointRef(name, *parse_name(name, step_regex=cfg.step_regex, steps=cfg.steps), uri=entry)
+    if "@" in entry and not Path(entry).exists():
+        repo, revision = entry.rsplit("@", 1)
+        step, tokens = parse_name(revision, step_regex=cfg.step_regex, steps=cfg.steps)
+        return CheckpointRef(revision, step, tokens, uri=repo, revision=revision)
+    name = Path(entry).name
+    return CheckpointRef(name, *parse_name(name, step_regex=cfg.step_regex, steps=cfg.steps), uri=entry)
+
+
+def _hub_revisions(repo: str) -> list[str]:
+    from huggingface_hub import list_repo_refs
+
+    try:
+        return [branch.name for branch in list_repo_refs(repo).branches]
+    except Exception as e:  # offline, unknown repo, auth
+        raise CheckpointError(
+            f"checkpoints.repo={repo!r}: cannot list revisions ({type(e).__name__}: {e}); "
+            "give them in checkpoints.revisions"
+        ) from e
+
+
+def build_catalog(cfg: CheckpointsConfig) -> list[CheckpointRef]:
+    """Every configured checkpoint, sorted by step, after the step-range and spacing selection."""
+    if not (cfg.dir or cfg.paths or cfg.repo):
+        raise CheckpointError("no checkpoints configured: set checkpoints.dir, checkpoints.paths or checkpoints.repo")
+    refs: list[CheckpointRef] = []
+    if cfg.dir:
+        root = Path(cfg.dir)
+        if not root.is_dir():
+            raise CheckpointError(f"checkpoints.dir={cfg.dir!r} is not a directory")
+        for path in sorted(p for p in root.glob(cfg.pattern) if p.is_dir()):
+            refs.append(_entry_ref(str(path), cfg))
+    refs += [_entry_ref(entry, cfg) for entry in cfg.paths]
+    if cfg.repo:
+        revisions = cfg.revisions or _hub_revisions(cfg.repo)
+        for revision in revisions:
+            if revision in ("main", "fp32") and revision not in (cfg.steps or {}):
+                continue  # the final model without a step in its name: map it in checkpoints.steps
+            refs.append(_entry_ref(f"{cfg.repo}@{revision}", cfg))
+    names = [r.name for r in refs]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise CheckpointError(f"two checkpoints are named {duplicate!r}; names must be unique")
+    refs.sort(key=lambda r: (r.step, r.name))
+    refs = [r for r in refs if (cfg.min_step is None or r.step >= cfg.min_step)
+            and (cfg.max_step is None or r.step <= cfg.max_step)]
+    refs = refs[:: cfg.every_nth]
+    if cfg.num_evenly_spaced and len(refs) > cfg.num_evenly_spaced:
+        keep = np.unique(np.linspace(0, len(refs) - 1, cfg.num_evenly_spaced).round().astype(int))
+        refs = [refs[i] for i in keep]
+    if not refs:
+        raise CheckpointError("the checkpoint catalog is empty: check checkpoints.dir/paths/repo and the step range")
+    return refs
+
+
+def catalog_frame(refs: list[CheckpointRef]) -> pd.DataFrame:
+    return pd.DataFrame([asdict(r) for r in refs], columns=["name", "step", "tokens", "uri", "revision", "content"])
+
+
+def refs_from_frame(frame: pd.DataFrame) -> list[CheckpointRef]:
+    return [
+        CheckpointRef(r["name"], int(r["step"]), None if pd.isna(r["tokens"]) else float(r["tokens"]),
+                      r["uri"], None if pd.isna(r["revision"]) else r["revision"], r.get("content") or "")
+        for r in frame.to_dict("records")
+    ]
+
+
+def content_key(ref: CheckpointRef) -> str:
+    """A cheap key of a checkpoint's content, so that replacing its files in place re-runs what
+    depends on them: name, size and modification time of every file of a local dir; name, size and
+    modification time (or ETag) of the files at a URL; the revision of a hub checkpoint."""
+    if ref.kind == "hub":
+        return f"revision {ref.revision}"
+    if ref.kind == "local":
+        path = Path(ref.uri.removeprefix("file://"))
+        if not path.is_dir():
+            return "missing"
+        files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir())
+                 if f.is_file() and not f.name.startswith(".")]
+    else:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(ref.uri)
+        files = sorted((info["name"], info.get("size"), str(info.get("mtime") or info.get("LastModified")
+                                                           or info.get("ETag") or info.get("etag")))
+                       for info in fs.ls(root, detail=True) if info.get("type") == "file")
+    return hashlib.sha256(repr(files).encode()).hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------- validation, loading
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise if a safetensors file is truncated or its header is unreadable."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+        (header_size,) = struct.unpack("<Q", raw)
+        if header_size > size - 8:
+            raise CheckpointError(f"{path}: truncated safetensors header")
+        try:
+            header = json.loads(f.read(header_size))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_size + end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} of {8 + header_size + end} bytes)")
+
+
+def check_local_dir(path: Path, name: str) -> None:
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {name!r}: {path} is not a directory")
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"checkpoint {name!r}: {path} has no config.json")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise CheckpointError(f"checkpoint {name!r}: {path} has no *.safetensors weights")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            named = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {name!r}: unreadable {index.name} ({e})") from None
+        missing = sorted(named - {file.name for file in weights})
+        if missing:
+            raise CheckpointError(f"checkpoint {name!r}: {index.name} names missing shards {missing[:3]}")
+    for file in weights:
+        try:
+            check_safetensors(file)
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint {name!r}: {e}") from None
+
+
+def incomplete(ref: CheckpointRef) -> str | None:
+    """Why a checkpoint cannot be read yet (still being written: no config.json, missing or
+    truncated weights), or None when it is complete. Hub revisions are complete."""
+    if ref.kind == "hub":
+        return None
+    if ref.kind == "local":
+        try:
+            check_local_dir(Path(ref.uri.removeprefix("file://")), ref.name)
+        except CheckpointError as e:
+            return str(e)
+        return None
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(ref.uri)
+    names = {Path(info["name"]).name for info in fs.ls(root, detail=True)}
+    if "config.json" not in names or not any(name.endswith(".safetensors") for name in names):
+        return f"checkpoint {ref.name!r}: {ref.uri} has no config.json and *.safetensors yet"
+    return None
+
+
+def local_path(ref: CheckpointRef, *, cache_dir: str) -> Path:
+    """A local directory holding the checkpoint: itself, a cached copy of a URL, or a hub
+    snapshot (weights, config and tokenizer files only)."""
+    if ref.kind == "local":
+        return Path(ref.uri.removeprefix("file://"))
+    if ref.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+        return Path(snapshot_download(ref.uri, revision=ref.revision, allow_patterns=patterns,
+                                      cache_dir=str(Path(cache_dir) / "hub")))
+    import fsspec
+
+    target = Path(cache_dir) / hashlib.sha1(ref.uri.encode()).hexdigest()[:16] / ref.name
+    marker = target.parent / ".complete"
+    if not marker.exists():
+        fs, path = fsspec.core.url_to_fs(ref.uri)
+        fs.get(path.rstrip("/") + "/", str(target) + "/", recursive=True)
+        marker.touch()
+    return target
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_checkpoint(ref: CheckpointRef, model_cfg: ModelConfig, *, cache_dir: str, device: str):
+    """(model, tokenizer) of a checkpoint, safetensors only, remote code only if configured."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per load is noise in a sweep
+
+    try:
+        path = local_path(ref, cache_dir=cache_dir)
+        check_local_dir(path, ref.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=resolve_dtype(model_cfg.dtype, device),
+            use_safetensors=True,
+            trust_remote_code=model_cfg.trust_remote_code,
+            attn_implementation=model_cfg.attn_implementation or None,  # None: transformers chooses
+        ).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {ref.name!r} ({ref.uri}): {type(e).__name__}: {e}") from e
+    if model_cfg.experts_implementation:
+        model.set_experts_implementation(model_cfg.experts_implementation)
+    return model.eval(), tokenizer
