@@ -1,16 +1,14 @@
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from moegrok.config import MonitorConfig, PretrainToyConfig, register_configs
+from moegrok.config import CONF_DIR as CONF
+from moegrok.config import PretrainToyConfig, SweepConfig, register_configs
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 GROUP_OPTIONS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml"))
-                 for g in ("model", "checkpoints", "samples", "eval", "cluster")}
+                 for g in ("model", "checkpoints", "samples", "eval", "tune", "cluster")}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,9 +24,12 @@ def to_object(name: str, overrides: list[str]):
 
 def test_default_configs_resolve():
     assert isinstance(to_object("pretrain_toy", []), PretrainToyConfig)
-    monitor = to_object("monitor", [])
-    assert isinstance(monitor, MonitorConfig)
-    assert monitor.checkpoints.dir == "zoo/default" and monitor.eval.engine == "auto"
+    sweep = to_object("sweep", [])
+    assert isinstance(sweep, SweepConfig)
+    assert sweep.checkpoints.dir is None and sweep.samples.paths == [] and sweep.model.residue_tokens == 0
+    toy = to_object("sweep", ["experiment=toy"])
+    assert toy.checkpoints.dir == "zoo/default" and toy.samples.paths == ["zoo/default/samples.jsonl"]
+    assert toy.eval.benchmarks[0].path == "zoo/default/benchmark.jsonl" and toy.eval.engine == "auto"
 
 
 def leaves(node, prefix=""):
@@ -41,7 +42,7 @@ def leaves(node, prefix=""):
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             for index, entry in enumerate(value):
                 yield from leaves(entry, f"{prefix}{key}.{index}.")
-        else:
+        elif "${" not in str(value):  # an interpolation resolves in the whole config only
             yield f"{prefix}{key}", value
 
 
@@ -54,56 +55,56 @@ def assert_applied(composed, values: dict, prefix: str = "") -> None:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_resolves_and_applies_its_values(experiment):
-    config = to_object("monitor", [f"experiment={experiment}"])
-    assert isinstance(config, MonitorConfig)
+    config = to_object("sweep", [f"experiment={experiment}"])
+    assert isinstance(config, SweepConfig)
     assert_applied(config, OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")))
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g, options in GROUP_OPTIONS.items() for o in options])
 def test_every_group_option_resolves_and_applies_its_values(group, option):
-    config = to_object("monitor", [f"{group}={option}"])
-    assert isinstance(config, MonitorConfig)
+    config = to_object("sweep", [f"{group}={option}"])
+    assert isinstance(config, SweepConfig)
     assert_applied(config, OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml")), f"{group}.")
 
 
 def test_olmoe_experiment_is_the_paper_protocol():
-    config = to_object("monitor", ["experiment=olmoe_1b_7b"])
+    config = to_object("sweep", ["experiment=olmoe_1b_7b"])
     assert config.checkpoints.repo == "allenai/OLMoE-1B-7B-0924" and config.checkpoints.num_evenly_spaced == 10
     assert config.samples.groups == ["math", "code", "commonsense", "domain"]
-    assert len(config.eval.benchmarks) == 4 and config.metrics.threshold == 0.7
+    assert len(config.eval.benchmarks) == 4 and config.metrics.weight_share == 0.7
 
 
 def test_typo_key_fails_at_start_up_naming_it():
     with pytest.raises(ConfigCompositionException, match="threshhold"):
-        compose(config_name="monitor", overrides=["metrics.threshhold=0.5"])
+        compose(config_name="sweep", overrides=["metrics.threshhold=0.5"])
     with pytest.raises(ConfigCompositionException, match="max_step"):
         compose(config_name="pretrain_toy", overrides=["train.max_step=5"])
 
 
 def test_bad_values_fail_at_start_up_naming_the_key():
-    with pytest.raises(ValueError, match="metrics.threshold=1.5"):
-        to_object("monitor", ["metrics.threshold=1.5"])
+    with pytest.raises(ValueError, match="metrics.weight_share=1.5"):
+        to_object("sweep", ["metrics.weight_share=1.5"])
     with pytest.raises(ValueError, match="data.p=48"):
         to_object("pretrain_toy", ["data.p=48"])
     with pytest.raises(ConfigCompositionException, match="stage=recod") as error:
-        compose(config_name="monitor", overrides=["stage=recod"])
+        compose(config_name="sweep", overrides=["stage=recod"])
     assert "expected one of [all, record, reduce" in str(error.value.__cause__)
     with pytest.raises(ValueError, match="record.num_actors=0"):
-        to_object("monitor", ["record.num_actors=0"])
+        to_object("sweep", ["record.num_actors=0"])
     with pytest.raises(ValueError, match="eval.max_new_tokens=0"):
-        to_object("monitor", ["eval.max_new_tokens=0"])
-    with pytest.raises(ValueError, match="thresholds"):
-        to_object("study", ["thresholds=[0.5,1.5]"])
+        to_object("sweep", ["eval.max_new_tokens=0"])
+    with pytest.raises(ValueError, match="weight_shares"):
+        to_object("study", ["weight_shares=[0.5,1.5]"])
     with pytest.raises(ValueError, match=r"analysis.sample_set='memorized': expected one of metrics.sample_sets"):
-        to_object("monitor", ["metrics.sample_sets=[all]", "analysis.sample_set=memorized"])
+        to_object("sweep", ["metrics.sample_sets=[all]", "analysis.sample_set=memorized"])
 
 
 def test_tuned_experiments_turn_the_tune_stage_on():
-    olmoe = to_object("monitor", ["experiment=olmoe_1b_7b_tuned"])
-    assert olmoe.tune.method == "lora" and olmoe.tune.rank == 32 and olmoe.tune.lr == 5e-5 and olmoe.tune.epochs == 3
-    assert olmoe.checkpoints.repo == "allenai/OLMoE-1B-7B-0924"
-    assert to_object("monitor", []).tune.method == "none"
-    assert to_object("monitor", ["experiment=toy_tuned"]).tune.method == "lora"
+    olmoe = to_object("sweep", ["experiment=olmoe_1b_7b_tuned"])
+    assert olmoe.tune.enabled and olmoe.tune.method == "lora" and olmoe.tune.rank == 32 and olmoe.tune.lr == 5e-5
+    assert olmoe.tune.epochs == 3 and olmoe.checkpoints.repo == "allenai/OLMoE-1B-7B-0924"
+    assert not to_object("sweep", []).tune.enabled and not to_object("sweep", ["experiment=olmoe_1b_7b"]).tune.enabled
+    assert to_object("sweep", ["experiment=toy_tuned"]).tune.enabled
 
 
 @pytest.mark.parametrize("name", ["study", "study_smoke"])
@@ -113,4 +114,4 @@ def test_study_configs_resolve(name):
     study = to_object(name, [])
     assert isinstance(study, StudyConfig) and study.zoos
     assert {zoo.role for zoo in study.zoos} == {"calibration", "evaluation"}
-    assert study.base.train.monitor_samples_per_group == 0
+    assert not study.base.train.live_metrics.enabled

@@ -57,16 +57,17 @@ def test_atomic_dir_replaces_an_existing_dir(tmp_path):
 
 def test_markers_hold_the_fingerprint_and_are_hidden(tmp_path):
     output = tmp_path / "shard00000.parquet"
-    inputs_a, inputs_b = {"checkpoint": "c", "metrics.threshold": 0.7}, {"checkpoint": "c", "metrics.threshold": 0.5}
+    inputs_a = {"checkpoint": "c", "metrics.weight_share": 0.7}
+    inputs_b = {"checkpoint": "c", "metrics.weight_share": 0.5}
     print_a, print_b = fingerprint(inputs_a), fingerprint(inputs_b)
-    assert print_a == fingerprint({"metrics.threshold": 0.7, "checkpoint": "c"}) and print_a != print_b
+    assert print_a == fingerprint({"metrics.weight_share": 0.7, "checkpoint": "c"}) and print_a != print_b
     assert done_marker(output).name == ".shard00000.parquet.done"
     assert not is_done(output, print_a) and changed_inputs(output, inputs_a) == ["new"]
     write_parquet(pd.DataFrame({"a": [1]}), output)
     assert not is_done(output, print_a) and done_fingerprint(output) is None  # written but not marked
     mark_done(output, inputs_a)
     assert is_done(output, print_a) and not is_done(output, print_b) and done_fingerprint(output) == print_a
-    assert changed_inputs(output, inputs_b) == ["metrics.threshold"]
+    assert changed_inputs(output, inputs_b) == ["metrics.weight_share"]
     assert changed_inputs(output, {**inputs_a, "samples": "s"}) == ["samples"]
     assert pd.read_parquet(tmp_path).shape == (1, 1)  # the directory reads as a dataset: markers are skipped
     invalidate(output)
