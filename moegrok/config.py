@@ -88,8 +88,18 @@ class Engine(StrEnum):
     hf = "hf"
 
 
+class Sandbox(StrEnum):
+    isolated = "isolated"  # generated code runs in the bubblewrap sandbox; without it the sweep stops at start-up
+    unisolated = "unisolated"  # without bubblewrap, in a weaker fallback; every such score is marked
+
+
 class TuneMethod(StrEnum):
     lora = "lora"
+
+
+class TruncationPolicy(StrEnum):
+    report = "report"  # cut samples to samples.max_tokens and say how many, of which groups, lost what
+    error = "error"  # stop before any work instead
 
 
 class Storage(StrEnum):
@@ -251,7 +261,7 @@ class CheckpointsConfig:
     """The checkpoint catalog (config group `checkpoints/`)."""
 
     dir: str | None = None  # a local directory of checkpoint dirs
-    pattern: str = "step*"  # glob inside `dir`
+    pattern: str = "*"  # glob inside `dir`; of what matches, the directories with a checkpoint name
     paths: list[str] = field(default_factory=list)  # local dirs, repo@revision, fsspec URLs
     repo: str | None = None  # a Hugging Face repo whose revisions are the checkpoints
     revisions: list[str] = field(default_factory=list)  # empty: listed from the hub (online)
@@ -277,13 +287,16 @@ class SamplesConfig:
     paths: list[str] = field(default_factory=list)  # jsonl / parquet with id, group, text | prompt+completion
     groups: list[str] = field(default_factory=list)  # empty = every group in the files
     max_per_group: int = 0  # 0 = all; else a seeded subsample per group
-    max_tokens: int = 512
+    max_tokens: int | None = None  # longer samples are cut to this; null = the model's context length
+    truncation: TruncationPolicy = TruncationPolicy.report  # what a cut sample does: reported, or an error at start-up
     shard_size: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self.truncation = _choice(TruncationPolicy, self.truncation, "samples.truncation")
         _check(self.shard_size > 0, "samples.shard_size", self.shard_size, "> 0")
-        _check(self.max_tokens >= 2, "samples.max_tokens", self.max_tokens, ">= 2")
+        _check(self.max_tokens is None or self.max_tokens >= 2, "samples.max_tokens", self.max_tokens,
+               ">= 2, or null (the model's context length)")
         _check(self.max_per_group >= 0, "samples.max_per_group", self.max_per_group, ">= 0 (0 = all)")
 
 
@@ -389,7 +402,9 @@ class EvalConfig:
     engine: Engine = Engine.auto
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
-    max_new_tokens: int = 16
+    # greedy generation length of moegrok jsonl items; null = per benchmark, the longest tokenized
+    # exact answer + 4 tokens (code items: 256). lm-eval tasks use their own generation_kwargs.
+    max_new_tokens: int | None = None
     max_items: int = 0  # 0 = all items of each benchmark
     batch_size: int = 64  # HF engine
     num_actors: int = 1
@@ -397,15 +412,18 @@ class EvalConfig:
     num_cpus: float = 1
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor (node types)
     code_timeout_s: float = 10.0
+    sandbox: Sandbox = Sandbox.isolated  # code benchmarks: `unisolated` runs them without bubblewrap
     max_retries: int = 1
 
     def __post_init__(self) -> None:
         self.engine = _choice(Engine, self.engine, "eval.engine")
+        self.sandbox = _choice(Sandbox, self.sandbox, "eval.sandbox")
         _check_workers("eval", self)
         _check(self.tensor_parallel_size >= 1, "eval.tensor_parallel_size", self.tensor_parallel_size, ">= 1")
         _check(0.0 < self.gpu_memory_utilization <= 1.0, "eval.gpu_memory_utilization",
                self.gpu_memory_utilization, "a number in (0, 1]")
-        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, ">= 1")
+        _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens,
+               ">= 1, or null (from the benchmark's answers)")
         _check(self.max_items >= 0, "eval.max_items", self.max_items, ">= 0 (0 = all)")
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
         _check(self.code_timeout_s > 0, "eval.code_timeout_s", self.code_timeout_s, "> 0")
@@ -639,6 +657,106 @@ def compose_config(config_name: str, overrides: list[str]) -> Any:
                           "(run from a checkout, or `pip install -e .`)")
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return OmegaConf.to_object(compose(config_name=config_name, overrides=overrides))
+
+
+RENAMED_KEYS = {  # keys of earlier versions, named in the error when a command line still uses them
+    "metrics.threshold": "metrics.weight_share", "metrics.saturation_reference":
+    "metrics.routing_analyses.saturation_reference", "metrics.vocab_min_count":
+    "metrics.routing_analyses.vocab_min_count", "analysis.bootstrap": "analysis.num_draws",
+}
+
+
+def _flat_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items() if isinstance(node, dict) else ():
+        keys.append(prefix + str(key))
+        keys += _flat_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _first_of_sweeps(overrides: list[str]) -> list[str]:
+    """The overrides with every sweep (`--multirun a=1,2`) at its first value; hydra's own keys left
+    out. Raises ConfigError for an override Hydra cannot read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        raise ConfigError(f"cannot read the command line: {str(e).splitlines()[0]} (quote values with brackets, "
+                          "braces or spaces for the shell)") from None
+    out = []
+    for override, text in zip(parsed, overrides, strict=True):
+        if override.key_or_group.startswith("hydra"):
+            continue
+        if override.is_sweep_override():
+            key = text.split("=", 1)[0]
+            out.append(f"{key}={next(iter(override.sweep_string_iterator()))}")
+        else:
+            out.append(text)
+    return out
+
+
+def check_overrides(config_name: str, overrides: list[str]) -> None:
+    """Compose the job's config as Hydra will (each sweep at its first value) and turn what Hydra
+    rejects into one ConfigError line naming the key: an unknown key (with the nearest valid one),
+    a value of the wrong type, a group option or experiment that does not exist."""
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    register_configs()
+    overrides = _first_of_sweeps(overrides)
+    for text in overrides:  # `optional experiment` would let a misspelt experiment pass silently
+        group, _, option = text.partition("=")
+        if "." not in group and (CONF_DIR / group.lstrip("+~")).is_dir() and option not in ("", "null"):
+            options = sorted(p.stem for p in (CONF_DIR / group.lstrip("+~")).glob("*.yaml"))
+            if option not in options:
+                raise ConfigError(f"config group {group}={option!r}: no such option (options: {', '.join(options)})")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        try:
+            cfg = compose(config_name=config_name, overrides=overrides)
+        except MissingConfigException as e:
+            raise ConfigError(f"{' '.join(str(e).split()[:8])}: see conf/ for the options") from None
+        except ConfigCompositionException as e:
+            cause = e.__cause__
+            key = getattr(cause, "full_key", None) or "?"
+            if isinstance(cause, ConfigAttributeError | ConfigKeyError):
+                if key in RENAMED_KEYS:
+                    raise ConfigError(f"config key {key}: no such key; it is {RENAMED_KEYS[key]} now") from None
+                parent, _, leaf = key.rpartition(".")
+                siblings = [k.rpartition(".")[2] for k in _flat_keys(OmegaConf.to_container(
+                    compose(config_name=config_name), resolve=False)) if k.rpartition(".")[0] == parent]
+                near = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+                hint = f"; did you mean {parent + '.' if parent else ''}{near[0]}?" if near else ""
+                raise ConfigError(f"config key {key}: no such key{hint}") from None
+            if isinstance(cause, ValidationError):
+                raise ConfigError(f"config key {key}: {str(cause).splitlines()[0]}") from None
+            raise ConfigError(" ".join(str(e).split())) from None
+    OmegaConf.to_object(cfg)  # the schemas' own checks (each a ConfigError naming its key)
+
+
+def command_line(argv: list[str], *, config_name: str) -> tuple[str, list[str]]:
+    """(config name, overrides) of a Hydra job's command line: its flags (`--multirun`,
+    `--config-name X`, `--cfg job`, ...) left out."""
+    overrides, name, skip = [], config_name, False
+    for index, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in ("--config-name", "-cn"):
+            name, skip = argv[index + 1] if index + 1 < len(argv) else name, True
+        elif arg.startswith("--config-name="):
+            name = arg.split("=", 1)[1]
+        elif arg in ("--cfg", "-c", "--config-path", "-cp", "--config-dir", "-cd", "--package", "-p",
+                     "--experimental-rerun"):
+            skip = True
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return name, overrides
 
 
 def register_configs() -> None:

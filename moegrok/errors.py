@@ -37,6 +37,11 @@ class InstructionError(UserError):
     """A malformed instruction file; the message names file:line."""
 
 
+class SandboxError(UserError):
+    """Code would run without isolation: this machine has no working bubblewrap and
+    eval.sandbox=unisolated was not asked for; the message says how to install it."""
+
+
 # Errors of a model or its outputs (a failure row of the unit, not a start-up error)
 
 

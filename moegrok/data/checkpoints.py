@@ -1,8 +1,10 @@
 """Checkpoint catalog: local dirs, Hugging Face `repo@revision`, fsspec URLs -> CheckpointRef.
 
-Steps (and tokens) come from the checkpoint's name: OLMo-style `step5000-tokens20B`,
-`stage1-step150-tokens1B`, `step1000`, or a configured regex with named groups `step` and
-`tokens` (a number with unit M/B/T), or an explicit `steps` mapping in the config.
+Steps (and tokens) come from the checkpoint's name. The common layouts are read by default:
+OLMo / OLMoE branches (`step5000-tokens20B`, `stage1-step150-tokens1B`, `step1000`), Hugging Face
+Trainer folders (`checkpoint-500`), DeepSpeed (`global_step500`) and Megatron (`iter_0000500`).
+Others need a configured regex with named groups `step` and `tokens` (a number with unit
+M/B/T), or an explicit `steps` mapping in the config.
 """
 
 from __future__ import annotations
@@ -20,10 +22,16 @@ import pandas as pd
 from moegrok.config import CheckpointsConfig, ModelConfig
 from moegrok.errors import CheckpointError
 
-OLMO_NAME = re.compile(r"^(?:stage\d+-)?step(?P<step>\d+)(?:-tokens(?P<tokens>\d+(?:\.\d+)?[MBT]))?$")
+NAME_FORMS = (  # the checkpoint names read by default, tried in order
+    re.compile(r"^(?:stage\d+-)?step(?P<step>\d+)(?:-tokens(?P<tokens>\d+(?:\.\d+)?[MBT]))?$"),  # OLMo, OLMoE
+    re.compile(r"^checkpoint-(?P<step>\d+)$"),  # Hugging Face Trainer
+    re.compile(r"^global_step(?P<step>\d+)$"),  # DeepSpeed
+    re.compile(r"^iter_(?P<step>\d+)$"),  # Megatron-LM
+)
 EXPECTED_FORMS = (
-    "step5000, step5000-tokens20B, stage1-step150-tokens1B (OLMo / OLMoE branch names), "
-    "or set checkpoints.step_regex (named groups `step`, `tokens`) or checkpoints.steps"
+    "step5000, step5000-tokens20B, stage1-step150-tokens1B (OLMo / OLMoE), checkpoint-500 (HF Trainer), "
+    "global_step500 (DeepSpeed) or iter_0000500 (Megatron); for other names set checkpoints.step_regex "
+    "(named groups `step`, `tokens`) or checkpoints.steps"
 )
 TOKEN_UNITS = {"M": 1e6, "B": 1e9, "T": 1e12}
 
@@ -53,8 +61,10 @@ def parse_name(name: str, *, step_regex: str | None = None, steps: dict[str, int
     """(step, tokens) from a checkpoint name."""
     if steps and name in steps:
         return int(steps[name]), None
-    pattern = re.compile(step_regex) if step_regex else OLMO_NAME
-    match = pattern.search(name) if step_regex else pattern.match(name)
+    if step_regex:
+        match = re.compile(step_regex).search(name)
+    else:
+        match = next((m for form in NAME_FORMS if (m := form.match(name))), None)
     if match is None or match.groupdict().get("step") is None:
         raise CheckpointError(f"checkpoint {name!r}: cannot read a step from its name; expected {EXPECTED_FORMS}")
     tokens = match.groupdict().get("tokens")
@@ -90,17 +100,40 @@ def _hub_revisions(repo: str) -> list[str]:
         ) from e
 
 
+def _is_checkpoint_name(name: str, cfg: CheckpointsConfig) -> bool:
+    try:
+        parse_name(name, step_regex=cfg.step_regex, steps=cfg.steps)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _dir_refs(cfg: CheckpointsConfig) -> list[CheckpointRef]:
+    """The checkpoints in `checkpoints.dir`: its subdirectories that match `checkpoints.pattern` and
+    whose names are checkpoint names; the others are named in one line and left out."""
+    root = Path(cfg.dir)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoints.dir={cfg.dir!r} is not a directory")
+    matched = sorted(p for p in root.glob(cfg.pattern) if p.is_dir())
+    named = [p for p in matched if _is_checkpoint_name(p.name, cfg)]
+    if not named:
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+        shown = ", ".join(entries[:8]) + (f", ... ({len(entries)} entries)" if len(entries) > 8 else "")
+        raise CheckpointError(
+            f"checkpoints.dir={cfg.dir!r}: no subdirectory matches checkpoints.pattern={cfg.pattern!r} with a "
+            f"checkpoint name ({EXPECTED_FORMS}); its entries: {shown or 'none'}")
+    skipped = [p.name for p in matched if p not in named]
+    if skipped:
+        print(f"checkpoints.dir={cfg.dir!r}: left out {len(skipped)} subdirector{'y' if len(skipped) == 1 else 'ies'} "
+              f"whose names are not checkpoint names: {', '.join(skipped[:5])}" + (", ..." if len(skipped) > 5 else ""))
+    return [_entry_ref(str(path), cfg) for path in named]
+
+
 def build_catalog(cfg: CheckpointsConfig) -> list[CheckpointRef]:
     """Every configured checkpoint, sorted by step, after the step-range and spacing selection."""
     if not (cfg.dir or cfg.paths or cfg.repo):
         raise CheckpointError("no checkpoints configured: set checkpoints.dir, checkpoints.paths or checkpoints.repo")
-    refs: list[CheckpointRef] = []
-    if cfg.dir:
-        root = Path(cfg.dir)
-        if not root.is_dir():
-            raise CheckpointError(f"checkpoints.dir={cfg.dir!r} is not a directory")
-        for path in sorted(p for p in root.glob(cfg.pattern) if p.is_dir()):
-            refs.append(_entry_ref(str(path), cfg))
+    refs: list[CheckpointRef] = _dir_refs(cfg) if cfg.dir else []
     refs += [_entry_ref(entry, cfg) for entry in cfg.paths]
     if cfg.repo:
         revisions = cfg.revisions or _hub_revisions(cfg.repo)
@@ -113,6 +146,7 @@ def build_catalog(cfg: CheckpointsConfig) -> list[CheckpointRef]:
         duplicate = next(n for n in names if names.count(n) > 1)
         raise CheckpointError(f"two checkpoints are named {duplicate!r}; names must be unique")
     refs.sort(key=lambda r: (r.step, r.name))
+    found = refs
     refs = [r for r in refs if (cfg.min_step is None or r.step >= cfg.min_step)
             and (cfg.max_step is None or r.step <= cfg.max_step)]
     refs = refs[:: cfg.every_nth]
@@ -120,7 +154,11 @@ def build_catalog(cfg: CheckpointsConfig) -> list[CheckpointRef]:
         keep = np.unique(np.linspace(0, len(refs) - 1, cfg.num_evenly_spaced).round().astype(int))
         refs = [refs[i] for i in keep]
     if not refs:
-        raise CheckpointError("the checkpoint catalog is empty: check checkpoints.dir/paths/repo and the step range")
+        if found:
+            raise CheckpointError(f"no checkpoint in the step range checkpoints.min_step={cfg.min_step}.."
+                                  f"max_step={cfg.max_step}: the catalog's steps run from {found[0].step} to "
+                                  f"{found[-1].step}")
+        raise CheckpointError("the checkpoint catalog is empty: check checkpoints.dir, paths and repo")
     return refs
 
 
@@ -244,6 +282,37 @@ def local_path(ref: CheckpointRef, *, cache_dir: str) -> Path:
         fs.get(path.rstrip("/") + "/", str(target) + "/", recursive=True)
         marker.touch()
     return target
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+
+
+def context_length(path: Path, tokenizer) -> int:
+    """The longest sequence a checkpoint takes: its config's position count, else the tokenizer's
+    model_max_length when that is a real limit (tokenizers without one report ~1e30)."""
+    config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").exists() else {}
+    for source in (config, config.get("text_config") or {}):
+        for key in CONTEXT_KEYS:
+            if isinstance(source.get(key), int) and source[key] > 1:
+                return int(source[key])
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 1 < limit < 1_000_000:
+        return limit
+    raise CheckpointError(f"{path}: no context length in its config or tokenizer; set samples.max_tokens")
+
+
+def load_tokenizer(refs: list[CheckpointRef], *, cache_dir: str, trust_remote_code: bool):
+    """(tokenizer, checkpoint dir) of the first checkpoint whose tokenizer loads."""
+    from transformers import AutoTokenizer
+
+    problems = []
+    for ref in refs:
+        try:
+            path = local_path(ref, cache_dir=cache_dir)
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code), path
+        except Exception as e:
+            problems.append(f"{ref.name}: {type(e).__name__}: {e}")
+    raise CheckpointError("no checkpoint has a loadable tokenizer: " + "; ".join(problems))
 
 
 def resolve_dtype(name: str, device: str):

@@ -112,32 +112,56 @@ class TokenizedSample:
     num_prompt_tokens: int  # index of the first scored token (>= 1)
 
 
-def tokenize_samples(frame: pd.DataFrame, tokenizer, *, max_tokens: int,
-                     errors: list[str] | None = None) -> list[TokenizedSample]:
+@dataclass(frozen=True)
+class Truncation:
+    """A sample longer than samples.max_tokens, cut to it."""
+
+    sample_id: str
+    group: str
+    num_tokens: int  # before the cut
+    num_lost: int
+
+
+def tokenize_samples(frame: pd.DataFrame, tokenizer, *, max_tokens: int, errors: list[str] | None = None,
+                     truncated: list[Truncation] | None = None) -> list[TokenizedSample]:
     """Tokenize with the tokenizer's special tokens; prompt and completion separately (as lm-eval
     does), so the completion's tokens are exactly the scored ones. Text longer than `max_tokens`
-    keeps its start; a prompt/completion keeps its end (the completion). A sample with fewer than
-    2 tokens (nothing to score) raises a SampleError, or, when `errors` is a list, is left out and
-    its message appended there."""
+    keeps its start; a prompt/completion keeps its end (the completion); every cut is appended to
+    `truncated` when it is a list. A sample with nothing to score (text of fewer than 2 tokens, an
+    empty completion) raises a SampleError, or, when `errors` is a list, is left out and its message
+    appended there."""
     out = []
     for row in frame.itertuples(index=False):
         if isinstance(row.text, str):
-            ids = tokenizer(row.text)["input_ids"][:max_tokens]
-            num_prompt = 1
+            whole = tokenizer(row.text)["input_ids"]
+            ids, num_prompt = whole[:max_tokens], 1
+            problem = "it has fewer than 2 tokens" if len(ids) < 2 else None
         else:
             prompt = tokenizer(row.prompt)["input_ids"]
             completion = tokenizer(row.completion, add_special_tokens=False)["input_ids"]
-            ids = (prompt + completion)[-max_tokens:]
+            whole = prompt + completion
+            ids = whole[-max_tokens:]
             num_prompt = max(len(ids) - len(completion), 1)
-        if len(ids) < 2:
+            problem = ("its completion is empty" if not completion
+                       else "it has fewer than 2 tokens" if len(ids) < 2 else None)
+        if problem is not None:
             where = getattr(row, "where", None) or f"sample {row.id!r}"
-            error = SampleError(f"{where}: sample {row.id!r} has fewer than 2 tokens; nothing to score")
+            error = SampleError(f"{where}: sample {row.id!r} has nothing to score: {problem}")
             if errors is None:
                 raise error
             errors.append(str(error))
             continue
+        if truncated is not None and len(whole) > len(ids):
+            truncated.append(Truncation(row.id, row.group, len(whole), len(whole) - len(ids)))
         out.append(TokenizedSample(row.id, row.group, np.asarray(ids, dtype=np.int64), num_prompt))
     return out
+
+
+def truncation_summary(truncated: list[Truncation]) -> pd.DataFrame:
+    """Per group: how many samples were cut and how many tokens they lost (total, most)."""
+    frame = pd.DataFrame(truncated, columns=["sample_id", "group", "num_tokens", "num_lost"])
+    return (frame.groupby("group", sort=True)["num_lost"].agg(samples="size", tokens_lost="sum", most_lost="max")
+            .reset_index())
 
 
 def shard_samples(frame: pd.DataFrame, *, shard_size: int) -> list[pd.DataFrame]:

@@ -4,7 +4,8 @@ Every item is scored on its own: an item whose requests the engine rejects or wh
 gets score NaN and the message in `error`; all other items are scored.
 
 moegrok's jsonl kinds follow moegrok's own rules:
-  exact:  the greedy generation (at most `max_new_tokens`) equals the answer after `normalize`
+  exact:  the greedy generation (at most `max_new_tokens`; by default the longest tokenized answer of the
+          benchmark + 4 tokens) equals the answer after `normalize`
           of both (first line, whitespace collapsed, outer "." dropped, lower-cased)
   choice: score: the choice with the highest summed log-likelihood is the label; score_norm: the
           choice with the highest log-likelihood per UTF-8 byte of its continuation is
@@ -29,12 +30,12 @@ import pandas as pd
 
 from moegrok.evaluation.items import Item
 from moegrok.evaluation.lm_eval_tasks import LmEvalItem, lm_eval_results, primary_scores
-from moegrok.evaluation.sandbox import run_python
+from moegrok.evaluation.sandbox import run_python, sandbox_guarantees
 
 if TYPE_CHECKING:  # the engines need torch; the driver, which only reads scored tables, does not
     from moegrok.evaluation.engines import Engine, Tokens
 
-ITEM_COLUMNS = ["id", "group", "kind", "prediction", "score", "score_norm", "error", "metrics"]
+ITEM_COLUMNS = ["id", "group", "kind", "prediction", "score", "score_norm", "error", "metrics", "unisolated"]
 SCORING_VERSION = 2  # part of every evaluation unit's fingerprint: raise it when scoring rules change
 LM_EVAL_KINDS = ("multiple_choice", "generate_until")
 
@@ -49,9 +50,10 @@ def exact_match(prediction: str, answer: str) -> float:
     return float(normalize(prediction) == normalize(answer))
 
 
-def code_passes(prompt: str, completion: str, tests: str, *, timeout_s: float) -> bool:
-    """pass@1 of one greedy completion: prompt + completion + tests exits with status 0."""
-    return run_python(prompt + completion + "\n\n" + tests, timeout_s=timeout_s).passed
+def code_passes(prompt: str, completion: str, tests: str, *, timeout_s: float, unisolated: bool = False) -> bool:
+    """pass@1 of one greedy completion: prompt + completion + tests exits with status 0 in the
+    sandbox (without isolation only if `unisolated`)."""
+    return run_python(prompt + completion + "\n\n" + tests, timeout_s=timeout_s, unisolated=unisolated).passed
 
 
 def choose(logliks: list[float], choices: list[str]) -> tuple[int, int]:
@@ -70,10 +72,35 @@ class TokenRequests:
     max_new_tokens: int = 0
 
 
-def token_requests(item: Item | LmEvalItem, engine: Engine, *, lm_eval_tokens, max_new_tokens: int) -> TokenRequests:
+ANSWER_SLACK = 4  # generated tokens beyond the longest exact answer (a trailing "." or space, say)
+CODE_MAX_NEW_TOKENS = 256  # a code item's completion when eval.max_new_tokens is null
+
+
+def answer_length(answer: str, tokenizer) -> int:
+    """Tokens of an exact answer as a continuation (after a space, as generations start)."""
+    return len(tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"])
+
+
+def generation_lengths(items: list[Item | LmEvalItem], tokenizer, *, max_new_tokens: int | None) -> dict[str, int]:
+    """Greedy generation length per moegrok item kind: `max_new_tokens` when set, else the longest
+    tokenized exact answer + ANSWER_SLACK for exact items and CODE_MAX_NEW_TOKENS for code items."""
+    if max_new_tokens is not None:
+        return {"exact": max_new_tokens, "code": max_new_tokens}
+    answers = [answer_length(item.answer, tokenizer) for item in items if item.kind == "exact"]
+    return {"exact": max(answers, default=1) + ANSWER_SLACK, "code": CODE_MAX_NEW_TOKENS}
+
+
+def longest_answer(items: list[Item | LmEvalItem], tokenizer) -> tuple[str, int] | None:
+    """(item id, tokens) of the exact item with the longest tokenized answer; None without one."""
+    lengths = [(item.id, answer_length(item.answer, tokenizer)) for item in items if item.kind == "exact"]
+    return max(lengths, key=lambda pair: pair[1], default=None)
+
+
+def token_requests(item: Item | LmEvalItem, engine: Engine, *, lm_eval_tokens,
+                   max_new_tokens: dict[str, int]) -> TokenRequests:
     tokenizer = engine.tokenizer
     if item.kind in ("exact", "code"):
-        return TokenRequests(prompt=tokenizer(item.prompt)["input_ids"], max_new_tokens=max_new_tokens)
+        return TokenRequests(prompt=tokenizer(item.prompt)["input_ids"], max_new_tokens=max_new_tokens[item.kind])
     if item.kind == "choice":
         context = tokenizer(item.prompt)["input_ids"]
         return TokenRequests(pairs=[(context, tokenizer(c, add_special_tokens=False)["input_ids"])
@@ -127,7 +154,7 @@ def run_requests(engine: Engine, requests: dict[int, TokenRequests]) -> dict[int
 
 
 def item_scores(item: Item | LmEvalItem, requests: TokenRequests, responses: list, *, tokenizer, lm_eval_tokens,
-                code_timeout_s: float) -> dict:
+                code_timeout_s: float, unisolated: bool = False) -> dict:
     """prediction, score, score_norm, metrics of one item from the engine's responses."""
     if item.kind == "choice":
         best, best_norm = choose([ll for ll, _ in responses], item.choices)
@@ -138,7 +165,7 @@ def item_scores(item: Item | LmEvalItem, requests: TokenRequests, responses: lis
         if item.kind == "exact":
             score = exact_match(text, item.answer)
         else:
-            score = float(code_passes(item.prompt, text, item.tests, timeout_s=code_timeout_s))
+            score = float(code_passes(item.prompt, text, item.tests, timeout_s=code_timeout_s, unisolated=unisolated))
         return {"prediction": text, "score": score, "score_norm": score, "metrics": "{}"}
     if item.kind == "generate_until":
         responses = [lm_eval_tokens.generated_text(responses[0], requests.stop)]
@@ -147,22 +174,28 @@ def item_scores(item: Item | LmEvalItem, requests: TokenRequests, responses: lis
     return {"prediction": prediction, "score": score, "score_norm": score_norm, "metrics": json.dumps(metrics)}
 
 
-def score_items(engine: Engine, items: list[Item | LmEvalItem], *, max_new_tokens: int,
-                code_timeout_s: float) -> pd.DataFrame:
+def score_items(engine: Engine, items: list[Item | LmEvalItem], *, max_new_tokens: int | None,
+                code_timeout_s: float, unisolated: bool = False) -> pd.DataFrame:
     """One row per item (ITEM_COLUMNS): score 0/1 (lm-eval: its metric's value), score_norm
     (choice: the length-normalized choice; others: = score), error (missing, or why the item has
-    no score), metrics (lm-eval items: JSON of every "metric,filter" value, else "{}")."""
+    no score), metrics (lm-eval items: JSON of every "metric,filter" value, else "{}"), unisolated
+    (a code item whose program ran without the sandbox's isolation, allowed by `unisolated`).
+    `max_new_tokens`: the generation length of exact and code items (None: `generation_lengths`)."""
+    without_isolation = (unisolated and any(item.kind == "code" for item in items)
+                         and bool(sandbox_guarantees().fallback))
     lm_eval_tokens = None
     if any(item.kind in LM_EVAL_KINDS for item in items):
         from moegrok.evaluation.lm_eval_tokens import HFTokenization
 
         lm_eval_tokens = HFTokenization(engine.tokenizer)
     rows = [{"id": item.id, "group": item.group, "kind": item.kind, "prediction": "", "score": np.nan,
-             "score_norm": np.nan, "error": None, "metrics": "{}"} for item in items]
+             "score_norm": np.nan, "error": None, "metrics": "{}",
+             "unisolated": without_isolation and item.kind == "code"} for item in items]
+    lengths = generation_lengths(items, engine.tokenizer, max_new_tokens=max_new_tokens)
     requests: dict[int, TokenRequests] = {}
     for i, item in enumerate(items):
         try:
-            requests[i] = token_requests(item, engine, lm_eval_tokens=lm_eval_tokens, max_new_tokens=max_new_tokens)
+            requests[i] = token_requests(item, engine, lm_eval_tokens=lm_eval_tokens, max_new_tokens=lengths)
         except Exception as e:
             rows[i]["error"] = _message(e)
     for i, responses in run_requests(engine, requests).items():
@@ -170,7 +203,8 @@ def score_items(engine: Engine, items: list[Item | LmEvalItem], *, max_new_token
             if isinstance(responses, Exception):
                 raise responses
             rows[i] |= item_scores(items[i], requests[i], responses, tokenizer=engine.tokenizer,
-                                   lm_eval_tokens=lm_eval_tokens, code_timeout_s=code_timeout_s)
+                                   lm_eval_tokens=lm_eval_tokens, code_timeout_s=code_timeout_s,
+                                   unisolated=unisolated)
         except Exception as e:
             rows[i]["error"] = _message(e)
     return pd.DataFrame(rows, columns=ITEM_COLUMNS).astype({"error": "str"})  # missing where scored
@@ -182,9 +216,11 @@ def _message(error: Exception) -> str:
 
 def accuracy_rows(scored: pd.DataFrame, *, checkpoint: str, step: int, benchmark: str) -> pd.DataFrame:
     """Per group accuracy of one checkpoint on one benchmark over the items without an error:
-    accuracy, accuracy_norm, n (items scored), num_errors (items left out for an error)."""
+    accuracy, accuracy_norm, n (items scored), num_errors (items left out for an error),
+    unisolated (code items whose programs ran without isolation)."""
     errored = scored["error"].notna() if "error" in scored else pd.Series(False, index=scored.index)
-    grouped = scored.assign(scored=~errored, errored=errored).groupby("group", sort=True)
+    unisolated = scored["unisolated"].astype(bool) if "unisolated" in scored else pd.Series(False, index=scored.index)
+    grouped = scored.assign(scored=~errored, errored=errored, unisolated=unisolated).groupby("group", sort=True)
     return pd.DataFrame(
         {
             "checkpoint": checkpoint,
@@ -195,5 +231,6 @@ def accuracy_rows(scored: pd.DataFrame, *, checkpoint: str, step: int, benchmark
             "accuracy_norm": grouped["score_norm"].mean().to_numpy(),
             "n": grouped["scored"].sum().to_numpy(),
             "num_errors": grouped["errored"].sum().to_numpy(),
+            "unisolated": grouped["unisolated"].sum().to_numpy(),
         }
     )

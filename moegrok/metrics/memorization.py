@@ -96,14 +96,15 @@ def memorization_steps(metrics: pd.DataFrame, memorized: pd.DataFrame, *,
     return out
 
 
-def causal_memorization(metrics: pd.DataFrame, *, memorized_accuracy: float) -> dict[str, float]:
-    """Per group, the contrast's start t0: the first checkpoint whose train accuracy (all samples) is
-    >= memorized_accuracy, else the first checkpoint (the loss rule's step needs the last one)."""
+def causal_memorization(metrics: pd.DataFrame, *, memorized_accuracy: float) -> dict[str, tuple[float, str]]:
+    """Per group, (step, rule) of the contrast's start t0: the first checkpoint whose train accuracy
+    (all samples) is >= memorized_accuracy ("train_accuracy"), else the first checkpoint
+    ("first_checkpoint": the loss rule's step would need the last checkpoint)."""
     everything = metrics[metrics["sample_set"] == "all"]
     first = float(everything["step"].min())
     out = {}
     for group, rows in everything.groupby("group"):
         step = (first_step_reaching(rows["step"], rows["train_accuracy"], memorized_accuracy)
                 if "train_accuracy" in rows else None)
-        out[group] = first if step is None else step
+        out[group] = (first, "first_checkpoint") if step is None else (step, "train_accuracy")
     return out

@@ -33,8 +33,11 @@ def analyze_stage(cfg: SweepConfig, run: RunDir) -> StageResult:
         return StageResult("analyze", units=1, skipped=1)
     metrics, memorized = pd.read_parquet(run.metrics), pd.read_parquet(run.memorized)
     tags["inputs"] = fingerprint(inputs)
-    contrast = run_contrasts(run, causal_memorization(metrics, memorized_accuracy=cfg.analysis.memorized_accuracy),
+    starts = causal_memorization(metrics, memorized_accuracy=cfg.analysis.memorized_accuracy)
+    contrast = run_contrasts(run, {group: step for group, (step, _) in starts.items()},
                              control=cfg.analysis.control, num_draws=cfg.analysis.num_draws)
+    if len(contrast):  # how each group's start was found, for the report to say
+        contrast["memorization_rule"] = contrast["group"].map({group: rule for group, (_, rule) in starts.items()})
     write_parquet(contrast, run.contrast, tags=tags)
     if run.accuracy.exists():
         correlations, onsets = analyze(

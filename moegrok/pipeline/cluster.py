@@ -30,28 +30,41 @@ def check_reachable(address: str, *, timeout_s: float) -> str:
     host, _, port = resolved.split("://")[-1].rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except ConnectionRefusedError:
+        raise UserError(f"cluster.address={address!r}: {resolved} refused the connection: no Ray cluster "
+                        "listens there") from None
+    except TimeoutError:
+        raise UserError(f"cluster.address={address!r}: no answer from {resolved} within {timeout_s:g} s "
+                        "(cluster.connect_timeout_s)") from None
     except (OSError, ValueError) as e:
-        raise UserError(f"cluster.address={address!r}: no Ray cluster answers at {resolved} within "
-                        f"{timeout_s:g} s ({e})") from None
+        raise UserError(f"cluster.address={address!r}: cannot reach {resolved} ({e})") from None
     return resolved
+
+
+def check_cluster(cfg: ClusterConfig) -> None:
+    """Before any work: sizes only for a Ray of our own, and a cluster to join that answers."""
+    address = ray_address(cfg.address)
+    if address == "local":
+        return
+    for key in ("num_cpus", "num_gpus"):
+        if getattr(cfg, key) is not None:
+            raise ConfigError(f"config key cluster.{key}={getattr(cfg, key)!r}: sizes only a local Ray; "
+                              f"the cluster at address={address!r} brings its own resources (set it to null)")
+    if not ray.is_initialized():  # a grid point runs inside the cluster it would check
+        check_reachable(address, timeout_s=cfg.connect_timeout_s)
 
 
 def init_ray(cfg: ClusterConfig) -> None:
     """Join the configured cluster, or start a local Ray of our own sized by the config (unless
     Ray already runs in this process, e.g. a grid point running as a Ray task). A driver started
     by `ray job submit` joins the job's cluster (`moegrok.config.ray_address`)."""
-    address = ray_address(cfg.address)
-    if address != "local":
-        for key in ("num_cpus", "num_gpus"):
-            if getattr(cfg, key) is not None:
-                raise ConfigError(f"config key cluster.{key}={getattr(cfg, key)!r}: sizes only a local Ray; "
-                                  f"the cluster at address={address!r} brings its own resources (set it to null)")
+    check_cluster(cfg)
     if ray.is_initialized():
         return
+    address = ray_address(cfg.address)
     # Workers' output stays in Ray's session logs (/tmp/ray/session_latest/logs): what a unit did
     # wrong reaches the sweep as its failure row, and a lost node's raylet dump is not the sweep's.
     if address != "local":
-        check_reachable(address, timeout_s=cfg.connect_timeout_s)
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:  # a new instance of our own, never whatever cluster last ran on this machine
         # Ray turns token authentication on for a new local cluster, and warns that it did at every

@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import ray
 
-from moegrok.config import Engine, SweepConfig
+from moegrok.config import Engine, Sandbox, SweepConfig, config_yaml
 from moegrok.data.checkpoints import CheckpointRef, check_local_dir, local_path, resolve_dtype
 from moegrok.errors import BenchmarkError
 from moegrok.evaluation.items import Item, content_digest, load_benchmark
+from moegrok.evaluation.lm_eval_tasks import LmEvalItem
 from moegrok.evaluation.scoring import SCORING_VERSION, accuracy_rows, score_items
 from moegrok.pipeline.cluster import actor_options, init_ray
 from moegrok.pipeline.executor import ActorPool, StageResult, Unit, UnitWorker, run_stage
@@ -58,14 +61,22 @@ class EvalWorker(UnitWorker):
             self.engine.load(str(path))
             self.loaded = ref.name
         scored = score_items(self.engine, self.benchmarks[unit.payload["benchmark"]],
-                             max_new_tokens=self.cfg.eval.max_new_tokens, code_timeout_s=self.cfg.eval.code_timeout_s)
+                             max_new_tokens=self.cfg.eval.max_new_tokens, code_timeout_s=self.cfg.eval.code_timeout_s,
+                             unisolated=self.cfg.eval.sandbox == Sandbox.unisolated)
         write_parquet(scored, unit.output)
         return {"items": len(scored)}
 
 
-def load_benchmarks(cfg: SweepConfig) -> tuple[dict[str, list[Item]], dict[str, str], list[dict]]:
-    """Benchmarks by name (subsampled to eval.max_items), their content hashes, and failure rows:
-    a malformed item (named file:line) is left out, a benchmark that cannot load at all is one row."""
+@dataclass
+class Benchmarks:
+    items: dict[str, list[Item | LmEvalItem]]  # by benchmark name, subsampled to eval.max_items
+    hashes: dict[str, str]  # by name, a hash of the benchmark's files
+    failures: list[dict]  # a malformed item (named file:line), a benchmark that cannot load at all
+
+
+def load_benchmarks(cfg: SweepConfig) -> Benchmarks:
+    """Every configured benchmark; a malformed item is left out, a benchmark that cannot load at
+    all is left out, each with a failure row."""
     benchmarks, hashes, failures = {}, {}, []
     for bench in cfg.eval.benchmarks:
         errors: list[str] = []
@@ -76,20 +87,20 @@ def load_benchmarks(cfg: SweepConfig) -> tuple[dict[str, list[Item]], dict[str, 
             failures.append(failure_row("evaluate", f"benchmark {bench.name} ({bench.path})", **error_fields(e)))
             continue
         finally:
-            failures += [failure_row("evaluate", error.split(": ", 1)[0], BenchmarkError.__name__, error)
-                         for error in errors]
+            failures += [failure_row("evaluate", error.split(": ", 1)[0], BenchmarkError.__name__, error,
+                                     kind="record") for error in errors]
         if cfg.eval.max_items and len(items) > cfg.eval.max_items:
             keep = np.sort(np.random.default_rng(0).choice(len(items), cfg.eval.max_items, replace=False))
             items = [items[i] for i in keep]
         benchmarks[bench.name] = items
         hashes[bench.name] = content_digest(bench.path)
-    return benchmarks, hashes, failures
+    return Benchmarks(benchmarks, hashes, failures)
 
 
-def evaluate_stage(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
-    benchmarks, hashes, load_failures = load_benchmarks(cfg)
+def evaluate_stage(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef], loaded: Benchmarks) -> StageResult:
+    benchmarks, hashes, load_failures = loaded.items, loaded.hashes, loaded.failures
     settings = {f"eval.{key}": getattr(cfg.eval, key) for key in (
-        "engine", "max_new_tokens", "max_items", "code_timeout_s")}
+        "engine", "max_new_tokens", "max_items", "code_timeout_s", "sandbox")}
     settings |= {"model.dtype": cfg.model.dtype, "scoring version": SCORING_VERSION}
     units = [Unit(f"{ref.name}/{name}", ref.name, run.eval_items(ref.name, name),
                   {"checkpoint": ref.identity, "checkpoint content": ref.content, "benchmark": hashes[name],
@@ -104,15 +115,17 @@ def evaluate_stage(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef]) -> 
                          max_retries=cfg.eval.max_retries)
 
     result = run_stage("evaluate", units, executor, progress=cfg.progress)
-    _, item_failures = write_accuracy(run, refs, list(benchmarks))
+    _, item_failures = write_accuracy(run, refs, list(benchmarks), config=config_yaml(cfg))
     result.failures = load_failures + result.failures + item_failures
     return result
 
 
-def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str]) -> tuple[pd.DataFrame, list[dict]]:
+def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str], *, config: str = ""
+                   ) -> tuple[pd.DataFrame, list[dict]]:
     """accuracy.parquet: checkpoint, step, benchmark, group, accuracy, accuracy_norm, n, num_errors, tuned,
     base_checkpoint (a tuned checkpoint `<name>+tuned` belongs to `<name>`); and a failure row for
-    every stored item that has no score, named checkpoint/benchmark/item id."""
+    every stored item that has no score, named checkpoint/benchmark/item id. `config` (YAML) is the
+    config the scores come from, kept in the table's tags."""
     frames, failures, prints = [], [], []
     for ref in refs:
         for name in names:
@@ -120,14 +133,14 @@ def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str]) -> 
             if (print_ := done_fingerprint(path)) is not None:
                 prints.append(print_)
                 scored = pq.read_table(path).to_pandas()
-                failures += [failure_row("evaluate", f"{ref.name}/{name}/{item_id}", "ItemError", error)
+                failures += [failure_row("evaluate", f"{ref.name}/{name}/{item_id}", "ItemError", error, kind="record")
                              for item_id, error in zip(scored["id"], scored["error"], strict=True)
                              if isinstance(error, str)]
                 rows = accuracy_rows(scored, checkpoint=ref.name, step=ref.step, benchmark=name)
                 tuned = ref.name.endswith(TUNED_SUFFIX)
                 frames.append(rows.assign(tuned=tuned, base_checkpoint=ref.name.removesuffix(TUNED_SUFFIX)))
-    columns = ["checkpoint", "step", "benchmark", "group", "accuracy", "accuracy_norm", "n", "num_errors", "tuned",
-               "base_checkpoint"]
+    columns = ["checkpoint", "step", "benchmark", "group", "accuracy", "accuracy_norm", "n", "num_errors", "unisolated",
+               "tuned", "base_checkpoint"]
     accuracy = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
-    write_parquet(accuracy, run.accuracy, tags={"evaluate": fingerprint(sorted(prints))})
+    write_parquet(accuracy, run.accuracy, tags={"evaluate": fingerprint(sorted(prints)), "config": config})
     return accuracy, failures

@@ -2,77 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import time
-from pathlib import Path
 
 import pandas as pd
 
-from moegrok.config import Stage, SweepConfig, config_yaml
-from moegrok.data.checkpoints import (
-    CheckpointRef,
-    build_catalog,
-    catalog_frame,
-    content_key,
-    incomplete,
-    refs_from_frame,
-)
-from moegrok.errors import CheckpointError, SampleError, UserError
+from moegrok.config import Stage, SweepConfig
+from moegrok.errors import UserError
 from moegrok.pipeline.executor import StageResult
+from moegrok.pipeline.preflight import Inputs, check_inputs
 from moegrok.report.run import correlation_summary, verdicts
 from moegrok.store import (
     RunDir,
     run_lock,
     write_parquet,
-    write_text,
 )
 
 STAGE_ORDER = (Stage.record, Stage.reduce, Stage.tune, Stage.evaluate, Stage.analyze, Stage.report)
-
-
-def check_inputs(cfg: SweepConfig, stages: list[Stage]) -> None:
-    """Before any work: every input file the stages read exists and is not empty."""
-    def need(path: str, key: str) -> None:
-        file = Path(path)
-        if not file.is_file():
-            raise UserError(f"{key}={path!r}: no such file")
-        if file.stat().st_size == 0:
-            raise UserError(f"{key}={path!r}: the file is empty")
-
-    if Stage.record in stages:
-        if not cfg.samples.paths:
-            raise SampleError("samples.paths is empty: give at least one jsonl/parquet sample file")
-        for index, path in enumerate(cfg.samples.paths):
-            need(path, f"samples.paths[{index}]")
-        if cfg.checkpoints.dir and not Path(cfg.checkpoints.dir).is_dir():
-            raise CheckpointError(f"checkpoints.dir={cfg.checkpoints.dir!r} is not a directory")
-    if Stage.evaluate in stages:
-        for bench in cfg.eval.benchmarks:
-            need(bench.path, f"eval.benchmarks[{bench.name}].path")
-    if Stage.tune in stages and cfg.tune.data:
-        need(cfg.tune.data, "tune.data")
-
-
-def _catalog(cfg: SweepConfig, run: RunDir, stages: list[Stage]) -> list[CheckpointRef]:
-    """The checkpoints, each with a key of its current content (so replaced weights re-run). While
-    watching, a checkpoint still being written is left for the next round."""
-    if not ({Stage.record, Stage.tune, Stage.evaluate} & set(stages) or not run.catalog.exists()):
-        return refs_from_frame(pd.read_parquet(run.catalog))
-    try:
-        refs = build_catalog(cfg.checkpoints)
-    except CheckpointError:
-        if cfg.watch.enabled and cfg.checkpoints.dir and Path(cfg.checkpoints.dir).is_dir():
-            return []  # no checkpoint written yet
-        raise
-    if cfg.watch.enabled:
-        waiting = {ref.name: reason for ref in refs if (reason := incomplete(ref))}
-        if waiting:
-            print(f"waiting for {len(waiting)} checkpoint(s) still being written: {', '.join(waiting)}")
-        refs = [ref for ref in refs if ref.name not in waiting]
-    refs = [dataclasses.replace(ref, content=content_key(ref)) for ref in refs]
-    write_parquet(catalog_frame(refs), run.catalog)
-    return refs
 
 
 def run_sweep(cfg: SweepConfig, stages: list[Stage] | None = None) -> int:
@@ -85,12 +31,13 @@ def run_sweep(cfg: SweepConfig, stages: list[Stage] | None = None) -> int:
         stages = [s for s in stages if s != Stage.evaluate]
     if not cfg.tune.enabled:
         stages = [s for s in stages if s != Stage.tune]
-    check_inputs(cfg, stages)
     run = RunDir(cfg.run_dir)
+    inputs = check_inputs(cfg, run, stages)  # before the first file of the run dir
     try:
         run.root.mkdir(parents=True, exist_ok=True)
         with run_lock(run.root):
-            return _run_stages(cfg, run, stages)
+            inputs.save(cfg, run)
+            return _run_stages(cfg, run, stages, inputs)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(f"run dir {run.root}: no space left on the device (writing "
@@ -98,10 +45,8 @@ def run_sweep(cfg: SweepConfig, stages: list[Stage] | None = None) -> int:
         raise
 
 
-def _run_stages(cfg: SweepConfig, run: RunDir, stages: list[Stage]) -> int:
-    refs = _catalog(cfg, run, stages)
-    write_text(config_yaml(cfg), run.config)
-    if not refs:
+def _run_stages(cfg: SweepConfig, run: RunDir, stages: list[Stage], inputs: Inputs) -> int:
+    if not inputs.refs:
         print("no complete checkpoint yet")
         return 0
     results: list[StageResult] = []
@@ -110,7 +55,7 @@ def _run_stages(cfg: SweepConfig, run: RunDir, stages: list[Stage]) -> int:
             print("analyze: skipped, no metrics.parquet (nothing was recorded)")
             continue
         start = time.perf_counter()
-        result = STAGES[stage](cfg, run, refs)
+        result = STAGES[stage](cfg, run, inputs)
         result.seconds = time.perf_counter() - start
         # the record stage also reports malformed samples
         run.write_failures({stage, "samples"} if stage == Stage.record else {stage}, result.failures)
@@ -128,10 +73,22 @@ def _run_stages(cfg: SweepConfig, run: RunDir, stages: list[Stage]) -> int:
             print("\n".join(verdicts(correlations, onsets)))
     if cfg.cluster.sync_uri:
         sync(run, cfg.cluster.sync_uri)
-    failed = sum(result.failed for result in results)
-    if failed:
-        print(f"\n{failed} unit(s) failed; see {run.failures}")
-    return 1 if failed else 0
+    return _say_what_failed(run, results)
+
+
+def _say_what_failed(run: RunDir, results: list[StageResult]) -> int:
+    """Failed units and bad records, counted apart, and each stage's first failure in one line;
+    the exit status (1 when anything failed)."""
+    units, records = sum(r.failed for r in results), sum(r.bad_records for r in results)
+    if not units and not records:
+        return 0
+    print(f"\n{units} unit(s) failed, {records} bad record(s) left out; every one is in {run.failures}")
+    for result in results:
+        if result.failures:
+            first, more = result.failures[0], len(result.failures) - 1
+            print(f"  {result.stage}: {first['unit']}: {first['error_type']}: {first['message']}"
+                  + (f" (and {more} more)" if more else ""))
+    return 1
 
 
 def _stop_if_disk_full(result: StageResult) -> None:
@@ -141,46 +98,45 @@ def _stop_if_disk_full(result: StageResult) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", f"the output of {result.stage} unit {full['unit']}")
 
 
-def _record(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
+def _record(cfg: SweepConfig, run: RunDir, inputs: Inputs) -> StageResult:
     from moegrok.pipeline.record import record_stage
-    from moegrok.pipeline.shards import prepare_shards
 
-    shards = prepare_shards(cfg, run, refs)
-    result = record_stage(cfg, run, refs, shards)
-    result.failures = shards.failures + result.failures
+    result = record_stage(cfg, run, inputs.refs, inputs.shards)
+    result.failures = inputs.shards.failures + result.failures
     return result
 
 
-def _reduce(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
+def _reduce(cfg: SweepConfig, run: RunDir, inputs: Inputs) -> StageResult:
     from moegrok.pipeline.reduce import reduce_stage
 
     num_shards = int(pd.read_parquet(run.samples, columns=["shard"])["shard"].max()) + 1
-    return reduce_stage(cfg, run, refs, num_shards)
+    return reduce_stage(cfg, run, inputs.refs, num_shards)
 
 
-def _tune(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
+def _tune(cfg: SweepConfig, run: RunDir, inputs: Inputs) -> StageResult:
     from moegrok.pipeline.tune import tune_stage
 
-    return tune_stage(cfg, run, refs)
+    return tune_stage(cfg, run, inputs.refs)
 
 
-def _evaluate(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
+def _evaluate(cfg: SweepConfig, run: RunDir, inputs: Inputs) -> StageResult:
     from moegrok.pipeline.evaluate import evaluate_stage
 
+    refs = inputs.refs
     if cfg.tune.enabled:
         from moegrok.pipeline.tune import tuned_refs
 
         refs = refs + tuned_refs(run, refs)
-    return evaluate_stage(cfg, run, refs)
+    return evaluate_stage(cfg, run, refs, inputs.benchmarks)
 
 
-def _analyze(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
+def _analyze(cfg: SweepConfig, run: RunDir, inputs: Inputs) -> StageResult:
     from moegrok.pipeline.analyze import analyze_stage
 
     return analyze_stage(cfg, run)
 
 
-def _report(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef]) -> StageResult:
+def _report(cfg: SweepConfig, run: RunDir, inputs: Inputs) -> StageResult:
     from moegrok.pipeline.report import report_stage
 
     return report_stage(run)

@@ -14,12 +14,22 @@ from matplotlib.figure import Figure
 from moegrok.analysis.contrast import contrast_summary
 from moegrok.report.pages import png, table
 
-INTRO = ("<p>Per group, the change of each metric since the group memorized (train accuracy >= 0.99), minus "
-         "the same change of the reference: the control group (a group known not to generalize), or the other "
-         "groups' mean for the control itself and when no control is set. Within one run the step is the same "
-         "for every group, so only such a contrast separates a metric's signal from time. 95% intervals: paired "
-         "bootstrap over samples. Training-side data only (a monitor); held-out accuracy appears only as the "
-         "dashed onset lines.</p>")
+INTRO = ("<p>Per group, the change of each metric since the group memorized, minus the same change of the "
+         "reference: the control group (a group known not to generalize), or the other groups' mean for the "
+         "control itself and when no control is set. Within one run the step is the same for every group, so only "
+         "such a contrast separates a metric's signal from time. 95% intervals: paired bootstrap over samples. "
+         "Training-side data only (a monitor); held-out accuracy appears only as the dashed onset lines.</p>")
+RULES = {"train_accuracy": "the first checkpoint whose train accuracy reached analysis.memorized_accuracy",
+         "first_checkpoint": "the first checkpoint: its train accuracy never reached analysis.memorized_accuracy"}
+
+
+def starts(contrast: pd.DataFrame) -> str:
+    """Where each group's contrast starts, and by which rule (one line per group)."""
+    rows = contrast.drop_duplicates("group").sort_values("group")
+    lines = [f"{html.escape(str(row.group))}: step {row.memorization_step:g} "
+             f"({RULES.get(getattr(row, 'memorization_rule', ''), 'memorization')})"
+             for row in rows.itertuples(index=False)]
+    return "<p>Start of each group's change (its memorization step): " + "; ".join(lines) + ".</p>"
 
 
 def primary_mode(contrast: pd.DataFrame) -> str:
@@ -64,7 +74,7 @@ def contrast_section(contrast: pd.DataFrame | None, onsets: pd.DataFrame | None,
         return []
     mode = primary_mode(contrast)
     chosen = contrast[contrast["mode"] == mode]
-    parts = ["<h2>Between-group contrast (monitor)</h2>", INTRO]
+    parts = ["<h2>Between-group contrast (monitor)</h2>", INTRO, starts(chosen)]
     summary = contrast_summary(chosen)
     if len(summary):
         parts.append("<h3>At the last checkpoint</h3><p>verdict: the 95% interval lies on the declared side of 0 "

@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
-from moegrok.analysis.correlations import BASELINES, metric_columns
+from moegrok.analysis.correlations import BASELINES, MIN_N, metric_columns
 from moegrok.report.pages import page, png, table
 from moegrok.report.run import CURVE_METRICS, SUMMARY_WINDOW
 from moegrok.store import RunDir, write_parquet
@@ -98,8 +98,11 @@ def grid_table(run_dirs: list[Path]) -> pd.DataFrame:
 
 
 def _side_by_side(grid: pd.DataFrame, index: list[str], value: str, runs: list[str]) -> pd.DataFrame:
+    """One row per `index` combination that some run has (never a group x benchmark pair that no
+    run evaluated), one column per run."""
     wide = grid.pivot_table(index=index, columns="run", values=value, aggfunc="first", dropna=False)
     wide = wide.reindex(columns=runs).reset_index()
+    wide = wide.merge(grid[index].dropna().drop_duplicates(), on=index, how="inner")
     wide.columns.name = None
     return wide
 
@@ -147,9 +150,13 @@ def write_grid_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
                      + table(_side_by_side(onsets, ["group", "benchmark"], "generalization_onset", runs)))
         shown = evaluated.assign(spearman_text=evaluated.apply(_spearman_text, axis=1))
         spearman = _side_by_side(shown, ["group", "benchmark", "metric"], "spearman_text", runs)
+        min_n = sorted({(yaml.safe_load(RunDir(d).config.read_text()).get("analysis") or {}).get("min_n", MIN_N)
+                        for d in run_dirs})
         parts.append(f"<h2>Spearman with accuracy after memorization</h2><p>* beats both trivial baselines (step, "
                      f"training loss) raw and detrended; the rows <code>step</code> and <code>loss_mean</code> are "
-                     f"those baselines.</p>{table(spearman)}")
+                     f"those baselines. – : no correlation, because the run has fewer than analysis.min_n = "
+                     f"{', '.join(map(str, min_n))} checkpoints after the group memorized, or the metric or the "
+                     f"accuracy is constant over them.</p>{table(spearman)}")
     else:
         parts.append("<p>No run has accuracy (evaluation was off): metrics only.</p>")
     parts.append("<h2>Metric values at the last checkpoint</h2>"

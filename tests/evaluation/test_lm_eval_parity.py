@@ -9,12 +9,12 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from moegrok.evaluation.engines import HFEngine
 from moegrok.evaluation.items import load_benchmark
 from moegrok.evaluation.lm_eval_tokens import HFTokenization
 from moegrok.evaluation.scoring import score_items
+from tests.reference.lm_eval import bpe_tokenizer, write_task
 
 ADD = [(a, b) for a in range(1, 9) for b in (2, 5)]
 
@@ -48,33 +48,6 @@ MC_TASK = {
     "metric_list": [{"metric": name, "aggregation": "mean", "higher_is_better": True}
                     for name in ("acc", "acc_norm", "exact_match")],
 }
-
-
-def write_task(folder, config, train, test):
-    """The task's YAML with a local json dataset (train: the few-shot examples)."""
-    name = config["task"]
-    files = {}
-    for split, docs in (("train", train), ("test", test)):
-        files[split] = str(folder / f"{name}_{split}.jsonl")
-        (folder / f"{name}_{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    config = {**config, "dataset_path": "json", "dataset_kwargs": {"data_files": files}, "training_split": "train",
-              "test_split": "test"}
-    (folder / f"{name}.yaml").write_text(yaml.safe_dump(config))
-    return folder / f"{name}.yaml"
-
-
-def bpe_tokenizer(corpus):
-    """A byte-level BPE trained on the tasks' text, saved as a PreTrainedTokenizerFast (no BOS, like OLMoE's)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<pad>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<pad>", clean_up_tokenization_spaces=False)
 
 
 def tiny_trained_olmoe(path, tokenizer, texts, *, steps=60):
