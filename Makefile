@@ -10,7 +10,7 @@ export TRANSFORMERS_VERBOSITY ?= error
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 
-.PHONY: install demo zoo test test-fast lint bench clean
+.PHONY: install demo zoo test test-fast lint bench check-machine clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)  # every benchmark, from the repository root (some import tests/); scale.py takes ~1 h
 	for b in benchmarks/*.py; do $(BIN)/python -m benchmarks.$$(basename $$b .py) || exit 1; done
+
+check-machine: $(STAMP)  # what code benchmarks get here (bubblewrap, cgroups), and the report test (chromium)
+	@$(BIN)/python -c 'from moegrok.evaluation.sandbox import sandbox_guarantees, INSTALL; g = sandbox_guarantees(); \
+	print("code sandbox:"); print(g); raise SystemExit(0 if g.namespaces else "code benchmarks stop at start-up here: " + INSTALL)'
+	@command -v chromium >/dev/null && echo "chromium: found" || echo "chromium: not found (only the test that renders the report needs it)"
 
 clean:
 	rm -rf runs multirun outputs .pytest_cache

@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moegrok.config import Stage, SweepConfig, register_configs
+from moegrok.config import Stage, SweepConfig, check_overrides, register_configs
 from moegrok.errors import exit_status
 from moegrok.pipeline import run_sweep
 from moegrok.report.grid import write_grid_report
@@ -46,6 +46,7 @@ def main() -> int:
             parser.error(f"{argument!r} is neither a run directory nor a key=value override")
     if not run_dirs:
         parser.error("no run directory given")
+    check_overrides("sweep", overrides)  # a misspelt key or a bad value: one line, exit 2
     status = max(run_sweep(stored_config(d, overrides), stages=[Stage.analyze, Stage.report]) for d in run_dirs)
     if len(run_dirs) > 1 or args.out:
         out = args.out or os.path.commonpath([str(Path(d).resolve()) for d in run_dirs])

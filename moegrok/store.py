@@ -162,20 +162,30 @@ def mark_done(path: Path, inputs: dict[str, object]) -> None:
 
 # --------------------------------------------------------------------------- failures
 
-FAILURE_COLUMNS = ["stage", "unit", "error_type", "message", "time"]
+FAILURE_COLUMNS = ["stage", "unit", "kind", "error_type", "message", "stack", "time"]
+FAILURE_KINDS = ("unit", "record")  # a unit of work that failed; a bad input record (a line, an item) left out
 TUNED_SUFFIX = "+tuned"  # a tuned checkpoint `<name>+tuned` is evaluated beside `<name>`
+MESSAGE_CHARS = 500
 
 
-def failure_row(stage: str, unit: str, error_type: str, message: str) -> dict:
-    """One row of failures.parquet."""
-    return {"stage": stage, "unit": unit, "error_type": error_type, "message": message[-2000:],
-            "time": pd.Timestamp.now(tz="UTC")}
+def one_line(text: str) -> str:
+    """The first non-empty line of a message, whitespace collapsed, at most MESSAGE_CHARS."""
+    line = next((line for line in str(text).splitlines() if line.strip()), "")
+    line = " ".join(line.split())
+    return line if len(line) <= MESSAGE_CHARS else line[: MESSAGE_CHARS - 3] + "..."
+
+
+def failure_row(stage: str, unit: str, error_type: str, message: str, *, stack: str = "",
+                kind: str = "unit") -> dict:
+    """One row of failures.parquet: a one-line message a user reads, the stack (if any) apart."""
+    return {"stage": stage, "unit": unit, "kind": kind, "error_type": error_type, "message": one_line(message),
+            "stack": stack[-4000:], "time": pd.Timestamp.now(tz="UTC")}
 
 
 def error_fields(exc: BaseException) -> dict:
-    """error_type and message of an exception, with the last frames of its traceback."""
-    frames = "".join(traceback.format_exception(exc)[-3:])
-    return {"error_type": type(exc).__name__, "message": f"{exc}\n{frames}"[-2000:]}
+    """error_type, the one-line message and the traceback of an exception."""
+    return {"error_type": type(exc).__name__, "message": one_line(str(exc) or type(exc).__name__),
+            "stack": "".join(traceback.format_exception(exc))[-4000:]}
 
 
 # --------------------------------------------------------------------------- table schemas

@@ -30,6 +30,8 @@ paired bootstrap needs the same samples at every checkpoint).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file
@@ -45,7 +47,7 @@ from moegrok.metrics.series import (
     read_checkpoint,
     sample_metric_specs,
 )
-from moegrok.store import RunDir
+from moegrok.store import RunDir, done_fingerprint, fingerprint, is_done, mark_done, write_parquet
 
 CONTROL_MEAN = "others"  # the reference name when the other groups' mean is the reference
 # contrast.parquet: "control" (each group against `analysis.control`, the control against the others' mean),
@@ -122,17 +124,21 @@ def statistic_contrasts(stats_BC: dict[str, np.ndarray], steps: np.ndarray, memo
         reference_BC = (np.mean([_changes(stats_BC[g], start) for g in others], axis=0) if others
                         else np.full_like(change_BC, np.nan))
         did_BC = change_BC - reference_BC
+        later = slice(start + 1, len(steps))  # an interval needs a change: none at t0 itself
+        se_C, self_se_C, low_C, high_C = (np.full(len(steps), np.nan) for _ in range(4))
+        draws_CB = np.ascontiguousarray(did_BC[1:, later].T)  # a row per checkpoint: sums as np.std of one
+        se_C[later], self_se_C[later] = draws_CB.std(axis=1), np.ascontiguousarray(change_BC[1:, later].T).std(axis=1)
+        if later.start < len(steps):
+            low_C[later], high_C[later] = np.quantile(draws_CB, [0.025, 0.975], axis=1)
         for c in range(start, len(steps)):
-            did, draws = did_BC[0, c], did_BC[1:, c]
-            se = float(np.std(draws)) if c > start else float("nan")
-            self_se = float(np.std(change_BC[1:, c])) if c > start else float("nan")
+            did = did_BC[0, c]
             rows.append({
                 "group": group, "reference": reference, "metric": metric, "step": int(steps[c]),
                 "memorization_step": float(memorization[group]), "direction": sign,
                 "level": stats_BC[group][0, c], "change": change_BC[0, c], "reference_change": reference_BC[0, c],
-                "did": did, "se": se, "ci_low": float(np.quantile(draws, 0.025)) if c > start else float("nan"),
-                "ci_high": float(np.quantile(draws, 0.975)) if c > start else float("nan"),
-                "z": _z(did, se, sign), "self_se": self_se, "self_z": _z(change_BC[0, c], self_se, sign),
+                "did": did, "se": float(se_C[c]), "ci_low": float(low_C[c]), "ci_high": float(high_C[c]),
+                "z": _z(did, float(se_C[c]), sign), "self_se": float(self_se_C[c]),
+                "self_z": _z(change_BC[0, c], float(self_se_C[c]), sign),
             })
     return pd.DataFrame(rows)
 
@@ -189,12 +195,42 @@ def med_diffs(run: RunDir, checkpoints: pd.DataFrame) -> np.ndarray | None:
     return np.stack(rows)
 
 
+def _checkpoint_statistics(path: Path, ids: dict[str, np.ndarray], specs: dict, weights: dict[str, np.ndarray]
+                           ) -> tuple[int, str, pd.DataFrame]:
+    """(step, checkpoint name, one row per metric and group with the statistic under every draw)."""
+    rows = read_checkpoint(path, ["checkpoint", "step", "group", "sample_id", *{s[1] for s in specs.values()}])
+    stats = []
+    for group, members in rows.groupby("group"):
+        if group in ids:
+            aligned = members.set_index("sample_id").reindex(ids[group])
+            stats += [{"metric": metric, "group": group,
+                       "draws": statistic(checkpoint_series(aligned, spec), weights[group])[:, 0]}
+                      for metric, spec in specs.items()]
+    return int(rows["step"].iloc[0]), str(rows["checkpoint"].iloc[0]), pd.DataFrame(stats)
+
+
+def _cached_statistics(run: RunDir, path: Path, inputs: dict, ids, specs, weights) -> tuple[int, str, pd.DataFrame]:
+    """A checkpoint's statistics from parts/contrast/, computed and kept there when its features, the
+    samples, the draws or the metrics changed: adding a checkpoint computes the new one alone."""
+    part = run.root / "parts" / "contrast" / f"{path.name}.parquet"
+    inputs = {**inputs, "features": sorted(done_fingerprint(file) or file.name for file in path.glob("*.parquet"))}
+    if is_done(part, fingerprint(inputs)):
+        table = pd.read_parquet(part)
+        return int(table["step"].iloc[0]), str(table["checkpoint"].iloc[0]), table
+    step, name, table = _checkpoint_statistics(path, ids, specs, weights)
+    write_parquet(table.assign(step=step, checkpoint=name), part)
+    mark_done(part, inputs)
+    return step, name, table
+
+
 def run_contrasts(run: RunDir, memorization: dict[str, float], *, control: str | None, num_draws: int,
                   seed: int = 0) -> pd.DataFrame:
     """The contrast table of a run: columns mode, group, reference, metric, step, ... (contrast.py).
-    Reads sample_metrics/ one checkpoint at a time and keeps only each metric's statistic under
-    every draw, so memory does not grow with the per-sample rows of all checkpoints."""
-    ids, columns = present_samples(run.sample_metrics)
+    Each checkpoint's statistics under every draw are computed once from sample_metrics/ and kept
+    (parts/contrast/), so memory does not grow with the per-sample rows of all checkpoints and a
+    new checkpoint costs its own statistics; the rows then follow from them."""
+    samples = pd.read_parquet(run.samples, columns=["sample_id", "group", "shard"])
+    ids, columns = present_samples(run.sample_metrics, samples)
     ids = {group: members for group, members in ids.items() if len(members) >= 2}
     if control is not None and control not in ids:
         raise ValueError(f"analysis.control={control!r}: no such group in the samples (groups: {sorted(ids)})")
@@ -203,16 +239,17 @@ def run_contrasts(run: RunDir, memorization: dict[str, float], *, control: str |
     specs = {metric: spec for metric, spec in sample_metric_specs(position_suffixes(columns)).items()
              if spec[1] in columns}  # what the reduce stored
     weights = group_weights({group: len(members) for group, members in ids.items()}, num_draws=num_draws, seed=seed)
+    inputs = {"samples": fingerprint({group: members.tolist() for group, members in ids.items()}),
+              "draws": num_draws, "seed": seed, "metrics": sorted(specs)}
     stats: dict[str, dict[str, list[np.ndarray]]] = {metric: {group: [] for group in ids} for metric in specs}
     checkpoints = []
     for path in checkpoint_dirs(run.sample_metrics):  # in step order below
-        rows = read_checkpoint(path, ["checkpoint", "step", "group", "sample_id", *{s[1] for s in specs.values()}])
-        checkpoints.append((int(rows["step"].iloc[0]), rows["checkpoint"].iloc[0]))
-        for group, members in rows.groupby("group"):
-            if group in ids:
-                aligned = members.set_index("sample_id").reindex(ids[group])
-                for metric, spec in specs.items():
-                    stats[metric][group].append(statistic(checkpoint_series(aligned, spec), weights[group]))
+        step, name, table = _cached_statistics(run, path, inputs, ids, specs, weights)
+        checkpoints.append((step, name))
+        draws = {(row.metric, row.group): np.asarray(row.draws) for row in table.itertuples(index=False)}
+        for metric in specs:
+            for group in ids:
+                stats[metric][group].append(draws[metric, group][:, None])
     by_step = pd.DataFrame(checkpoints, columns=["step", "checkpoint"]).sort_values("step", kind="stable")
     order, steps = by_step.index.to_numpy(), by_step["step"].to_numpy()
     frames = []

@@ -9,9 +9,12 @@ RLIMIT_NPROC to uid 0); as another user, bubblewrap's user namespace keeps that 
 cgroup per run (v2, else v1, where writable) caps memory and process count of the whole tree and
 is killed whole when the run ends.
 
-Without bubblewrap it falls back to a subprocess in its own session with per-process rlimits, as
-root under uid 65534 where the interpreter allows, `unshare --net` where user namespaces work and a
-Python-level socket guard. `sandbox_guarantees()` reports what holds on this machine.
+Without bubblewrap `run_python` refuses (SandboxError, which says how to install it), unless
+`unisolated=True` (`eval.sandbox=unisolated`): then it falls back to a subprocess in its own
+session with per-process rlimits, as root under uid 65534 where the interpreter allows,
+`unshare --net` where user namespaces work and a Python-level socket guard, which does not stop a
+hostile program from reading files, writing outside its directory, reaching host unix sockets or
+signalling the worker. `sandbox_guarantees()` reports what holds on this machine.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from moegrok.errors import SandboxError
 from moegrok.evaluation.cgroups import cgroup_parents, kill_and_remove, make_run_cgroups
 
 SANDBOX_UID = 65534  # "nobody": owns no files and no other processes
@@ -48,6 +52,8 @@ del _socket, _no_network
 """
 
 log = logging.getLogger(__name__)
+INSTALL = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; `make check-machine` says what this "
+           "machine has), or set eval.sandbox=unisolated to run generated code without isolation")
 
 
 @dataclass(frozen=True)
@@ -249,9 +255,13 @@ def _namespace_problem() -> str:
 def _fallback_uid() -> int | None:
     """The fallback's uid switch: to 65534 as root, unless the interpreter is out of its reach
     (e.g. under /root, mode 0700); then the program runs as root."""
-    if os.geteuid() != 0 or not _probe(namespaces=False, drop_to=SANDBOX_UID).passed:
+    if os.geteuid() != 0:
         return None
-    return SANDBOX_UID
+    try:
+        reachable = _probe(namespaces=False, drop_to=SANDBOX_UID).passed
+    except PermissionError:  # the interpreter itself cannot be executed as that uid
+        reachable = False
+    return SANDBOX_UID if reachable else None
 
 
 @functools.cache
@@ -283,9 +293,20 @@ def sandbox_guarantees() -> SandboxGuarantees:
         namespaces=not fallback, uid=uid, memory_cgroup=parents["memory"][1] if "memory" in parents else None,
         process_bound=process_bound, network=network, fallback=fallback,
     )
-    if fallback:
-        log.warning("moegrok sandbox: no namespaces (%s); weaker isolation:\n%s", fallback, guarantees)
     return guarantees
+
+
+def require_isolation() -> None:
+    """Raise SandboxError, saying how to fix it, when generated code cannot run isolated here."""
+    problem = sandbox_guarantees().fallback
+    if problem:
+        raise SandboxError(f"generated code cannot run isolated on this machine ({problem}): {INSTALL}")
+
+
+@functools.cache
+def _warn_unisolated() -> None:
+    log.warning("moegrok sandbox: generated code runs WITHOUT isolation (eval.sandbox=unisolated): %s\n%s",
+                sandbox_guarantees().fallback, sandbox_guarantees())
 
 
 def network_namespace_available() -> bool:
@@ -293,14 +314,20 @@ def network_namespace_available() -> bool:
     return sandbox_guarantees().namespaces or _unshare_net_available()
 
 
-def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 1024) -> SandboxResult:
-    """Run `code` with a fresh base Python (-I: isolated; standard library only) in the strongest
-    sandbox this machine allows (`sandbox_guarantees()`); passed = exit status 0. `memory_mb` caps
-    the whole process tree where a memory cgroup is writable, else each process."""
+def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 1024,
+               unisolated: bool = False) -> SandboxResult:
+    """Run `code` with a fresh base Python (-I: isolated; standard library only) in the bubblewrap
+    sandbox; passed = exit status 0. Without namespaces it raises SandboxError, unless `unisolated`
+    (then the weaker fallback, logged once). `memory_mb` caps the whole process tree where a memory
+    cgroup is writable, else each process."""
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
     if memory_mb < 64:
         raise ValueError(f"memory_mb must be at least 64 (the interpreter needs it), got {memory_mb!r}")
     namespaces = sandbox_guarantees().namespaces
+    if not namespaces:
+        if not unisolated:
+            require_isolation()
+        _warn_unisolated()
     drop_to = None if namespaces else _fallback_uid()
     return _run(code, timeout_s=timeout_s, memory_mb=memory_mb, namespaces=namespaces, drop_to=drop_to)

@@ -66,21 +66,19 @@ def position_suffixes(columns: list[str]) -> list[str]:
     return ["", *sorted(c[len("pathway_length"):] for c in columns if c.startswith("pathway_length_"))]
 
 
-def present_samples(directory: str | Path) -> tuple[dict[str, np.ndarray], list[str]]:
-    """(per group the sorted ids of the samples present at every checkpoint, the table's columns),
-    read one checkpoint at a time."""
+def present_samples(directory: str | Path, samples: pd.DataFrame) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(per group the sorted ids of the samples present at every checkpoint, the table's columns).
+    `samples`: sample_id, group, shard (samples.parquet). A checkpoint holds the samples of the
+    shards whose file it has (a shard's features are written whole), so nothing is read but one
+    schema."""
     paths = checkpoint_dirs(directory)
-    counts: dict[tuple[str, str], int] = {}
+    shards = set(samples["shard"])
     for path in paths:
-        rows = read_checkpoint(path, ["group", "sample_id"])
-        for key in zip(rows["group"], rows["sample_id"], strict=True):
-            counts[key] = counts.get(key, 0) + 1
-    everywhere: dict[str, list[str]] = {}
-    for (group, sample_id), count in counts.items():
-        if count == len(paths):
-            everywhere.setdefault(group, []).append(sample_id)
+        shards &= {int(p.stem.removeprefix("shard")) for p in path.glob("shard*.parquet")}
+    everywhere = samples[samples["shard"].isin(shards)]
     columns = ds.dataset(str(paths[0]), format="parquet").schema.names if paths else []
-    return {group: np.array(sorted(ids)) for group, ids in sorted(everywhere.items())}, columns
+    return ({str(group): np.array(sorted(part["sample_id"])) for group, part in everywhere.groupby("group", sort=True)},
+            columns)
 
 
 def checkpoint_series(aligned: pd.DataFrame, spec: tuple[str, str, object]) -> GroupSeries:

@@ -18,6 +18,7 @@ SHARED_METRICS = {"num_samples", "num_pairs", "pairs"}  # the same for every pos
 def loss_stats(losses: pd.Series) -> dict[str, float]:
     """Summary of a group's per-sample losses at one checkpoint."""
     values = losses.to_numpy(dtype=np.float64)
+    values = values[np.isfinite(values)]  # one sample without a loss never makes its group's NaN
     if len(values) == 0:
         return dict.fromkeys(("loss_mean", "loss_median", "loss_std", "loss_p90"), float("nan"))
     return {

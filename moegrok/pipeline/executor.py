@@ -23,7 +23,16 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
-from moegrok.store import changed_inputs, error_fields, failure_row, fingerprint, invalidate, is_done, mark_done
+from moegrok.store import (
+    changed_inputs,
+    error_fields,
+    failure_row,
+    fingerprint,
+    invalidate,
+    is_done,
+    mark_done,
+    one_line,
+)
 
 
 @dataclass
@@ -54,11 +63,17 @@ class StageResult:
 
     @property
     def failed(self) -> int:
-        return len(self.failures)
+        """Units that failed (after their retries)."""
+        return sum(row["kind"] == "unit" for row in self.failures)
+
+    @property
+    def bad_records(self) -> int:
+        """Input records left out: a malformed sample line, a benchmark item that could not be scored."""
+        return sum(row["kind"] == "record" for row in self.failures)
 
     def summary(self) -> dict:
         return {"stage": self.stage, "units": self.units, "skipped": self.skipped, "done": self.done,
-                "failed": self.failed, "seconds": round(self.seconds, 1)}
+                "failed": self.failed, "bad_records": self.bad_records, "seconds": round(self.seconds, 1)}
 
 
 Receipt = dict  # {"ok": True, "seconds": ..., **worker fields} | {"ok": False, "error_type", "message"}
@@ -108,14 +123,31 @@ def run_stage(stage: str, units: list[Unit], make_executor: Callable[[list[Unit]
                 result.done += 1
                 result.receipts.append({"unit": unit.name, **receipt})
             else:
-                result.failures.append(failure_row(stage, unit.name, receipt["error_type"], receipt["message"]))
+                result.failures.append(failure_row(stage, unit.name, receipt["error_type"], receipt["message"],
+                                                   stack=receipt.get("stack", "")))
             bar.update()
     result.seconds = time.perf_counter() - start
     return result
 
 
+def _remote_error(exc: BaseException) -> tuple[str, str]:
+    """(error type, one-line message) of what Ray raised for a remote failure: the remote exception
+    itself where Ray keeps it (a task's cause), the last line of the creation task's traceback for
+    an actor whose constructor raised, else Ray's own first line."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return type(cause).__name__, one_line(str(cause) or type(cause).__name__)
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if getattr(exc, "_actor_init_failed", False) and lines:
+        error_type, _, message = lines[-1].strip().partition(": ")
+        return error_type, one_line(message or error_type)
+    return type(exc).__name__, one_line(lines[0] if lines else type(exc).__name__)
+
+
 def _lost(exc: BaseException) -> Receipt:
-    return {"ok": False, "error_type": type(exc).__name__, "message": str(exc)[-2000:]}
+    """The receipt of a unit whose task or actor raised outside the unit's own code."""
+    error_type, message = _remote_error(exc)
+    return {"ok": False, "error_type": error_type, "message": message, "stack": str(exc)[-4000:]}
 
 
 def _retry(unit: Unit, receipt: Receipt, *, max_retries: int, max_lost_actors: int) -> bool:
@@ -207,7 +239,8 @@ class _PoolRun:
             del self.checkpoint_of[actor]
             self.failed_starts += 1
             if not self.started and self.failed_starts > self.pool.max_lost_actors:
-                return type(e).__name__, f"no {self.pool.name} actor starts: {str(e)[-1500:]}"
+                error_type, message = _remote_error(e)
+                return error_type, f"no {self.pool.name} actor starts: {message}"
             if self.remaining():  # a node died under it: try another
                 self.start_actor()
             return None

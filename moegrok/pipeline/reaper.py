@@ -47,9 +47,26 @@ def descendants(pid: int) -> dict[int, str]:
     return found
 
 
+def _freeze_tree(known: dict[int, str]) -> None:
+    """Stop every known process that still runs, then every descendant of one that appears, until
+    no new one does: a worker started a moment before the driver died is caught too, and nothing
+    frozen can start another."""
+    frozen: set[int] = set()
+    while True:
+        for pid in list(known):
+            if pid not in frozen and pid != os.getpid() and _start_time(pid) == known[pid]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGSTOP)
+                frozen.add(pid)
+        new = {child: start for pid in frozen for child, start in descendants(pid).items() if child not in known}
+        if not new:
+            return
+        known.update(new)
+
+
 def watch(driver: int, *, interval_s: float = 1.0) -> int:
-    """Follow `driver`'s descendants until it exits, then kill the ones still running; returns how
-    many it killed."""
+    """Follow `driver`'s descendants until it exits, then kill the ones still running and any
+    descendant of theirs (`_freeze_tree`); returns how many it killed."""
     try:
         pidfd = os.pidfd_open(driver)
     except ProcessLookupError:
@@ -58,6 +75,7 @@ def watch(driver: int, *, interval_s: float = 1.0) -> int:
     while not select.select([pidfd], [], [], interval_s)[0]:
         known.update(descendants(driver))
     os.close(pidfd)
+    _freeze_tree(known)
     killed = 0
     for pid, start in known.items():
         if pid != os.getpid() and _start_time(pid) == start:

@@ -22,7 +22,7 @@ from moegrok.store import RunDir, read_tags, write_text
 PAPER_VALUES = {"pathway_distance": "-0.93 .. -0.98", "consistency": "+0.92 .. +0.99", "loss_mean": "-0.07 .. +0.79"}
 CURVE_METRICS = ["pathway_distance", "pathway_distance_answer", "mean_cos", "consistency", "med", "loss_mean"]
 SUMMARY_WINDOW = "post_memorization"
-REPORT_VERSION = 3  # part of the report's fingerprint: raise it when the page changes
+REPORT_VERSION = 4  # part of the report's fingerprint: raise it when the page changes
 
 
 def _read(path: Path) -> pd.DataFrame | None:
@@ -204,10 +204,24 @@ def star_rule(min_n: int = MIN_N) -> str:
             f"({', '.join(sorted(RETROSPECTIVE))}, and any metric of the memorized sample set) are never starred.")
 
 
+# the config sections each stage's tables depend on, read from that stage's own table
+STAGE_CONFIG = {
+    "record and reduce (metrics.parquet)": ("metrics", ("model", "checkpoints", "samples", "record", "metrics")),
+    "evaluate (accuracy.parquet)": ("accuracy", ("eval", "tune")),
+    "analyze (contrast, correlations, onsets)": ("contrast", ("analysis",)),
+}
+
+
+def _tagged_config(path: Path) -> dict:
+    text = read_tags(path).get("config") or ""
+    return yaml.safe_load(text) if text else {}
+
+
 @dataclass
 class RunTables:
-    """What the report reads from a run directory (None: missing or empty) and the config the tables
-    were computed with (config.yaml is the last invocation's)."""
+    """What the report reads from a run directory (None: missing or empty), and per stage the
+    config its tables were computed with (each table keeps it in its tags; config.yaml is only the
+    last invocation's, which may not have recomputed every stage)."""
 
     run: RunDir
     metrics: pd.DataFrame | None
@@ -215,18 +229,36 @@ class RunTables:
     correlations: pd.DataFrame | None
     onsets: pd.DataFrame | None
     failures: pd.DataFrame | None
-    config_text: str
-    config: dict
+    configs: dict[str, dict]  # table name (metrics, accuracy, contrast) -> its config
 
     @classmethod
     def read(cls, run: RunDir) -> RunTables:
-        config_text = read_tags(run.metrics).get("config") or (run.config.read_text() if run.config.exists() else "")
+        configs = {name: _tagged_config(getattr(run, name)) for name, _ in STAGE_CONFIG.values()}
         return cls(run, _read(run.metrics), _read(run.accuracy), _read(run.correlations), _read(run.onsets),
-                   _read(run.failures), config_text, yaml.safe_load(config_text) if config_text else {})
+                   _read(run.failures), configs)
+
+    @property
+    def config(self) -> dict:
+        """The config of the analysis that made the shown correlations (else the reduce's)."""
+        return self.configs["contrast"] or self.configs["metrics"]
 
     @property
     def analysis(self) -> dict:
         return self.config.get("analysis") or {}
+
+
+def _config_section(tables: RunTables) -> list[str]:
+    """Per stage, the settings its figures come from (read from that stage's own table)."""
+    parts = ["<h2>Config</h2><p>Per stage, the settings of the run that computed its tables.</p>"]
+    for title, (name, sections) in STAGE_CONFIG.items():
+        config = tables.configs[name]
+        shown = {section: config[section] for section in sections if section in config}
+        if shown:
+            text = yaml.safe_dump(shown, sort_keys=False, default_flow_style=False)
+            parts.append(f"<h3>{html.escape(title)}</h3><pre>{html.escape(text)}</pre>")
+    if len(parts) == 1:
+        parts.append("<p>no stage has written a table yet</p>")
+    return parts
 
 
 def _header(tables: RunTables) -> list[str]:
@@ -235,6 +267,13 @@ def _header(tables: RunTables) -> list[str]:
     if missing:
         parts.append("<h2>Not in this report</h2><ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in missing)
                      + "</ul>")
+    accuracy = tables.accuracy
+    if accuracy is not None and "unisolated" in accuracy and accuracy["unisolated"].sum():
+        marked = accuracy[accuracy["unisolated"] > 0].groupby(["benchmark", "group"])["unisolated"].max()
+        parts.append("<h2>Code scores without isolation</h2><p><b>These code scores come from generated programs run "
+                     "WITHOUT the sandbox's isolation (eval.sandbox=unisolated, no bubblewrap on the machine):</b> "
+                     + ", ".join(f"{html.escape(b)} / {html.escape(g)} ({n} items per checkpoint)"
+                                 for (b, g), n in marked.items()) + ".</p>")
     return parts
 
 
@@ -322,7 +361,8 @@ def write_report(run_dir: str | Path) -> Path:
              *contrast_section(_read(tables.run.contrast), tables.onsets, tables.run.figures),
              *_verdict_section(tables), *_curves_section(tables), *_med_section(tables),
              *_routing_section(tables.run, tables.onsets), *_correlations_section(tables),
-             "<h2>Failures</h2>" + (table(tables.failures) if tables.failures is not None else "<p>none</p>"),
-             f"<h2>Config</h2><pre>{html.escape(tables.config_text)}</pre>"]
+             "<h2>Failures</h2>" + (table(tables.failures.drop(columns=["stack"], errors="ignore"))
+                                    if tables.failures is not None else "<p>none</p>"),
+             *_config_section(tables)]
     write_text(page("moegrok report", parts), tables.run.report)
     return tables.run.report

@@ -107,8 +107,10 @@ def test_summary_and_bad_control():
 
 def test_the_run_contrast_streams_checkpoints_and_equals_the_contrast_of_the_whole_table(tmp_path):
     """run_contrasts reads sample_metrics/ one checkpoint at a time; its rows equal group_contrasts
-    over the whole per-sample table in memory. A sample missing at a checkpoint is left out, one
-    without a pathway at a checkpoint weighs 0 there (NaN row and column of the distances)."""
+    over the whole per-sample table in memory. A sample whose shard is missing at a checkpoint (its
+    record unit failed) is left out, one without a pathway at a checkpoint weighs 0 there (NaN row
+    and column of the distances). A second call computes nothing again: it reads the statistics kept
+    per checkpoint."""
     from moegrok.analysis.contrast import run_contrasts
     from moegrok.store import RunDir, write_parquet
 
@@ -117,13 +119,20 @@ def test_the_run_contrast_streams_checkpoints_and_equals_the_contrast_of_the_who
                              "pathway": "".join(rng.choice(list("abcd"), 5)), "mean_cos": rng.normal(s / 100, 0.1),
                              "loss": rng.random()}
                             for s in (0, 50, 100) for g in ("add", "mul", "sub") for i in range(10)])
-    samples = samples.drop(index=samples.index[(samples["sample_id"] == "s03") & (samples["step"] == 50)])
+    samples["shard"] = (samples["sample_id"] == "s03").astype(int)  # s03 of every group in a shard of its own
     samples.loc[(samples["sample_id"] == "s04") & (samples["step"] == 100), "pathway"] = None
     run = RunDir(tmp_path)
-    for step, rows in samples.groupby("step"):
-        write_parquet(rows.reset_index(drop=True), run.sample_metrics / f"step{step}" / "shard00000.parquet")
+    write_parquet(samples.query("step == 0")[["sample_id", "group", "shard"]], run.samples)
+    for (step, shard), rows in samples.groupby(["step", "shard"]):
+        if not (step == 50 and shard == 1):  # that shard's unit failed at step 50
+            write_parquet(rows.drop(columns="shard").reset_index(drop=True),
+                          run.sample_metrics / f"step{step}" / f"shard{shard:05d}.parquet")
+    samples = samples.query("not (step == 50 and shard == 1)").drop(columns="shard")
     memorization = {"add": 0.0, "mul": 0.0, "sub": 50.0}
     streamed = run_contrasts(run, memorization, control="mul", num_draws=30, seed=2)
+    kept = {path: path.stat().st_mtime_ns for path in (tmp_path / "parts" / "contrast").glob("*.parquet")}
+    pd.testing.assert_frame_equal(run_contrasts(run, memorization, control="mul", num_draws=30, seed=2), streamed)
+    assert len(kept) == 3 and kept == {p: p.stat().st_mtime_ns for p in kept}
     for metric, spec in {"pathway_distance": ("pairs", "pathway", Levenshtein.distance),
                          "mean_cos": ("mean", "mean_cos", None), "loss_mean": ("mean", "loss", None)}.items():
         steps, series = group_series(samples, spec)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -38,7 +39,11 @@ def test_user_errors_are_one_line_and_exit_2(tiny_zoo, tmp_path):
         f"samples.paths=[{duplicated}]": "duplicate sample id 'a'",
         "metrics.weight_share=1.5": "config key metrics.weight_share=1.5: expected a number in (0, 1)",
         "cluster.address=127.0.0.1:1 cluster.num_cpus=2": "config key cluster.num_cpus=2: sizes only a local Ray",
-        "cluster.address=127.0.0.1:1": "cluster.address='127.0.0.1:1': no Ray cluster answers",
+        "cluster.address=127.0.0.1:1": "cluster.address='127.0.0.1:1': 127.0.0.1:1 refused the connection",
+        # what Hydra itself rejects, as one line too
+        "metrics.weigth_share=0.5": "config key metrics.weigth_share: no such key; did you mean metrics.weight_share?",
+        "record.max_retries=abc": "config key record.max_retries: Value 'abc' of type 'str' could not be converted",
+        "model=olmoee": "config group model='olmoee': no such option (options: olmoe, toy)",
     }
     for override, message in cases.items():
         result = subprocess.run(sweep_command(tiny_zoo, tmp_path / "run", *override.split()), env=ENV,
@@ -48,22 +53,26 @@ def test_user_errors_are_one_line_and_exit_2(tiny_zoo, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("moegrok: ") and message in lines[0], (override, lines)
 
 
-def start(command: list[str], run_dir: Path, *, markers: int) -> subprocess.Popen:
-    """A sweep in the background, returned once `markers` routing units are done (a hang guard
-    only: the sweep fails the test if it ends or never gets going)."""
+def start(command: list[str], ready: Callable[[], bool]) -> subprocess.Popen:
+    """A sweep in the background, returned once `ready()` holds (a hang guard only: the sweep fails
+    the test if it ends first or never gets there)."""
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
-    while len(list(run_dir.glob("routing/*/.*.done"))) < markers:
+    while not ready():
         assert process.poll() is None, process.stderr.read()[-2000:]
-        assert time.monotonic() < deadline, "the sweep never got going"
-        time.sleep(0.1)
+        assert time.monotonic() < deadline, "the sweep never got there"
+        time.sleep(0.05)
     return process
+
+
+def markers(run: RunDir) -> int:
+    return len(list(run.root.glob("routing/*/.*.done")))
 
 
 def reaper_of(pid: int) -> psutil.Process:
     """The reaper that follows the driver `pid` (it runs in a session of its own)."""
     for process in psutil.process_iter(["cmdline"]):
-        if process.info["cmdline"][-2:] == ["moegrok.pipeline.reaper", str(pid)]:
+        if (process.info["cmdline"] or [])[-2:] == ["moegrok.pipeline.reaper", str(pid)]:
             return process
     raise AssertionError(f"no reaper follows pid {pid}")
 
@@ -88,29 +97,36 @@ def broken_zoo(tiny_zoo, tmp_path) -> Path:
     return zoo
 
 
-def test_a_killed_sweep_leaves_nothing_behind_and_resumes_to_the_same_tables(broken_zoo, tmp_path, ray_cluster):
-    killed = RunDir(tmp_path / "killed")
-    process = start(sweep_command(broken_zoo, killed.root, *SMALL_UNITS), killed.root, markers=3)
-    os.kill(process.pid, signal.SIGSTOP)  # frozen mid-record: it dispatches nothing more, and holds the run dir
-    started = descendants(process.pid)  # Ray's head, node agents, record actor, ...
+def kill_and_check_nothing_outlives(process: subprocess.Popen) -> None:
+    """kill -9 the driver alone (as an OOM killer would); once its reaper has exited, no process the
+    sweep started runs on."""
+    os.kill(process.pid, signal.SIGSTOP)
+    started = descendants(process.pid)  # Ray's head, node agents, actors, tasks' workers, ...
     reaper = reaper_of(process.pid)
-    try:  # while it holds the run dir, a second sweep on it stops at once, naming the first
-        second = subprocess.run(sweep_command(broken_zoo, killed.root, *SMALL_UNITS), env=ENV, capture_output=True,
-                                text=True)
-        assert second.returncode == 2, second.stderr[-2000:]
-        assert f"is in use by another sweep (pid {process.pid} on " in second.stderr
-    finally:
-        os.kill(process.pid, signal.SIGKILL)  # the driver alone, as an OOM killer would
-        process.wait()
-    done_before = len(list(killed.root.glob("routing/*/.*.done")))
-    assert len(started) >= 5 and 3 <= done_before < 2 * 5  # 40 samples in 5 shards, 2 good checkpoints
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
     reaper.wait(timeout=120)  # it kills what it followed, then exits
-    assert running(started) == [], "processes of the killed sweep outlived its reaper"
+    assert len(started) >= 5 and running(started) == [], "processes of the killed sweep outlived its reaper"
 
-    resumed = subprocess.run(sweep_command(broken_zoo, killed.root, *SMALL_UNITS), env=ENV, capture_output=True,
-                             text=True)
+
+def test_a_killed_sweep_leaves_nothing_behind_and_resumes_to_the_same_tables(broken_zoo, tmp_path, ray_cluster):
+    """Killed mid-record, then at the boundary from record to reduce; each time nothing outlives the
+    driver, and the last run completes to the uninterrupted tables."""
+    killed = RunDir(tmp_path / "killed")
+    command = sweep_command(broken_zoo, killed.root, *SMALL_UNITS)
+    process = start(command, lambda: markers(killed) >= 3)
+    os.kill(process.pid, signal.SIGSTOP)  # frozen mid-record: it dispatches nothing more, and holds the run dir
+    second = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    assert second.returncode == 2, second.stderr[-2000:]  # a second sweep on its run dir stops at once, naming it
+    assert f"is in use by another sweep (pid {process.pid} on " in second.stderr
+    assert 3 <= markers(killed) < 2 * 5  # 40 samples in 5 shards, 2 good checkpoints
+    kill_and_check_nothing_outlives(process)
+    kill_and_check_nothing_outlives(start(command, lambda: markers(killed) == 2 * 5))  # record done, reduce next
+
+    resumed = subprocess.run(command, env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 1, resumed.stderr[-2000:]  # a failed unit: the rest completes, exit status 1
-    assert "failed; see" in resumed.stdout
+    assert "5 unit(s) failed, 0 bad record(s) left out" in resumed.stdout
+    assert "  record: step3/shard00000: CheckpointError: checkpoint 'step3':" in resumed.stdout  # the first, in a line
     failures = pd.read_parquet(killed.failures)
     assert set(failures["stage"]) == {"record"} and failures["unit"].str.startswith("step3").all()
     assert failures["message"].str.contains("truncated safetensors").all()
@@ -141,3 +157,18 @@ def test_a_full_disk_ends_the_sweep_in_one_line(tiny_zoo, tmp_path):
     ours = [line for line in result.stderr.splitlines() if line.startswith("moegrok: ")]
     assert len(ours) == 1 and "Traceback" not in result.stderr
     assert f"run dir {disk / 'run'}: no space left on the device" in ours[0]
+
+
+def test_code_benchmarks_stop_at_start_up_where_code_cannot_run_isolated(tiny_zoo, tmp_path):
+    """No bubblewrap on the PATH: a sweep with a code benchmark stops before any work, saying how
+    to install it; eval.sandbox=unisolated is the explicit way to run anyway."""
+    code = tmp_path / "code.jsonl"
+    code.write_text(json.dumps({"id": "c", "group": "add", "kind": "code", "prompt": "x =", "tests": "assert True"}))
+    command = sweep_command(tiny_zoo, tmp_path / "run", f"eval.benchmarks=[{{name: code, path: {code}}}]")
+    result = subprocess.run(command, env={**ENV, "PATH": str(tmp_path / "empty")}, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("moegrok: eval.benchmarks[code] has code items, and generated code "
+                                                   "cannot run isolated on this machine (bubblewrap (bwrap) is not "
+                                                   "installed): install bubblewrap"), lines
+    assert "eval.sandbox=unisolated" in lines[0] and not (tmp_path / "run").exists()

@@ -187,10 +187,13 @@ def test_samples_whose_lines_are_all_bad_are_a_user_error(zoo, tmp_path, ray_clu
 def test_bad_records_are_failure_rows_and_the_rest_goes_on(zoo, tmp_path, ray_cluster):
     samples = tmp_path / "samples.jsonl"
     lines = (zoo / "samples.jsonl").read_bytes().splitlines(keepends=True)
+    by_group = {group: [line for line in lines if json.loads(line)["group"] == group] for group in ("add", "mul")}
     not_utf8 = b'{"id": "x", "group": "add", "text": "\xff"}\n'
-    empty = json.dumps({"id": "empty", "group": "blank", "prompt": "", "completion": ""}).encode() + b"\n"
+    # in a group of 20 (samples.max_per_group): it is selected, and its group's metrics stay finite without it
+    empty = json.dumps({"id": "empty", "group": "add", "prompt": "1 + 1 =", "completion": ""}).encode() + b"\n"
     no_text = b'{"id": "bad", "group": "add"}\n'
-    samples.write_bytes(b"".join([lines[0], not_utf8, empty, no_text, *lines[1:]]))
+    samples.write_bytes(b"".join([by_group["add"][0], not_utf8, empty, no_text, *by_group["add"][1:19],
+                                  *by_group["mul"][:20]]))
     benchmark = tmp_path / "benchmark.jsonl"
     items = (zoo / "benchmark.jsonl").read_text().splitlines(keepends=True)
     no_answer = json.dumps({"id": "q", "group": "add", "kind": "exact", "prompt": "1 + 1 ="}) + "\n"
@@ -202,12 +205,18 @@ def test_bad_records_are_failure_rows_and_the_rest_goes_on(zoo, tmp_path, ray_cl
     failures = pd.read_parquet(run.failures).set_index("unit")
     position = not_utf8.index(0xFF) + 1
     assert failures.loc[f"{samples}:2", "message"].endswith(f"invalid UTF-8 at byte {position} of the line")
-    assert "has fewer than 2 tokens" in failures.loc[f"{samples}:3", "message"]
+    assert "has nothing to score: its completion is empty" in failures.loc[f"{samples}:3", "message"]
     assert "needs either a string 'text' or string 'prompt' and 'completion'" in failures.loc[f"{samples}:4",
                                                                                               "message"]
     assert failures.loc[f"{benchmark}:2", "message"].endswith("an exact item needs 'answer'")
     assert len(failures) == 4  # and nothing else failed
-    assert pd.read_parquet(run.metrics).query("sample_set == 'all'")["num_samples"].max() == 20
+    everything = pd.read_parquet(run.metrics).query("sample_set == 'all'")
+    assert everything["num_samples"].max() == 20
+    # no metric of a group is NaN because one of its samples had nothing to score: every family
+    families = ["pathway_distance", "pathway_distance_chars", "pathway_distance_norm", "pathway_length", "mean_cos",
+                "consistency", "loss_mean", "train_accuracy", "med"]
+    for column in [c for c in everything if c.removesuffix("_answer") in families]:
+        assert everything[column].notna().all(), column
     assert pd.read_parquet(run.accuracy)["n"].sum() == 2 * 40
 
 
@@ -227,12 +236,12 @@ def test_tables_of_two_reduces_are_never_mixed(swept_copy):
 
 
 def test_joining_a_cluster_that_does_not_answer_fails_at_once():
-    with pytest.raises(UserError, match=r"cluster.address='127.0.0.1:1': no Ray cluster answers at 127.0.0.1:1"):
+    with pytest.raises(UserError, match=r"cluster.address='127.0.0.1:1': 127.0.0.1:1 refused the connection"):
         check_reachable("127.0.0.1:1", timeout_s=5)
     environment = os.environ.pop("RAY_ADDRESS", None)
     try:
         os.environ["RAY_ADDRESS"] = "127.0.0.1:2"
-        with pytest.raises(UserError, match=r"cluster.address='auto': no Ray cluster answers at 127.0.0.1:2"):
+        with pytest.raises(UserError, match=r"cluster.address='auto': 127.0.0.1:2 refused the connection"):
             check_reachable("auto", timeout_s=5)
     finally:
         os.environ.pop("RAY_ADDRESS")

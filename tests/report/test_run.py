@@ -1,5 +1,6 @@
 import shutil
 import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -42,7 +43,27 @@ def test_report_shows_the_stored_tables(stored_run):
     assert table(correlation_summary(correlations)) in page
     lines = verdicts(correlations, onsets)
     assert len(lines) == len(onsets) and all(line in page for line in lines)
-    assert stored_run.config.read_text().splitlines()[0] in page.split("<h2>Config")[1]
+    config = page.split("<h2>Config")[1]
+    assert "record and reduce (metrics.parquet)" in config and "weight_share: 0.7" in config
+    assert "evaluate (accuracy.parquet)" in config and "max_items: 40" in config and "control: mul" in config
+
+
+def test_each_stage_shows_the_settings_its_tables_come_from(swept_copy):
+    """Only the evaluation changes: the page shows the new evaluation settings beside the accuracy
+    they produced, and the reduce's settings as they were."""
+    from moegrok.pipeline import run_sweep
+    from tests.reference.toy import tiny_sweep_config
+
+    zoo = Path(pd.read_parquet(swept_copy.catalog)["uri"].iloc[0]).parent
+    cfg = tiny_sweep_config(zoo, swept_copy.root, "analysis.control=mul", "eval.max_items=30",
+                            "metrics.max_pairs=1999999")  # not a reduce input the tables depend on: no reduce run
+    assert run_sweep(cfg, stages=["evaluate", "analyze", "report"]) == 0
+    assert pd.read_parquet(swept_copy.accuracy)["n"].sum() == 3 * 30
+    config = swept_copy.report.read_text().split("<h2>Config")[1]
+    evaluate = config.split("evaluate (accuracy.parquet)")[1].split("<h3>")[0]
+    reduce = config.split("record and reduce (metrics.parquet)")[1].split("<h3>")[0]
+    assert "max_items: 30" in evaluate and "max_items: 40" not in evaluate
+    assert "max_pairs: 2000000" in reduce  # the reduce did not run again: its tables keep their settings
 
 
 def test_retrospective_metrics_and_the_correction_are_named(stored_run):
