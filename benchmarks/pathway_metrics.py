@@ -19,6 +19,7 @@ from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
 from moegrok.metrics.pathways import mean_pairwise_distance, pathway_ids
+from tests.reference.pathways import reference_levenshtein
 
 
 def olmoe_like_pathways(num_samples: int, *, seed: int = 0) -> list[str]:
@@ -36,16 +37,6 @@ def olmoe_like_pathways(num_samples: int, *, seed: int = 0) -> list[str]:
             layers.append(kept)
         out.append(pathway_ids(layers))
     return out
-
-
-def reference_levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
 
 
 def timed(fn):

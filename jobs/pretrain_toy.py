@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moegrok.config import PretrainToyConfig, check_overrides, command_line, register_configs
+from moegrok.config import PretrainToyConfig, check_command_line, register_configs
 from moegrok.errors import exit_status
 from moegrok.toy.summary import print_summary
 
@@ -38,9 +38,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    # Hydra's own errors (an unknown key, a wrong type, a missing option) as one line and exit 2
-    config_name, overrides = command_line(sys.argv[1:], config_name="pretrain_toy")
-    if status := exit_status(lambda: check_overrides(config_name, overrides) or 0):
+    if status := check_command_line(sys.argv[1:], config_name="pretrain_toy"):  # Hydra's own errors in one line
         sys.exit(status)
     main()
     sys.exit(max(exit_statuses, default=0))

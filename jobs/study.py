@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moegrok.config import StudyConfig, check_overrides, command_line, register_configs
+from moegrok.config import StudyConfig, check_command_line, register_configs
 from moegrok.errors import exit_status
 from moegrok.report.study import headline_summary
 from moegrok.study.run import run_study
@@ -33,9 +33,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    # Hydra's own errors (an unknown key, a wrong type, a missing option) as one line and exit 2
-    config_name, overrides = command_line(sys.argv[1:], config_name="study")
-    if status := exit_status(lambda: check_overrides(config_name, overrides) or 0):
+    if status := check_command_line(sys.argv[1:], config_name="study"):  # Hydra's own errors in one line
         sys.exit(status)
     main()
     sys.exit(max(exit_statuses, default=0))

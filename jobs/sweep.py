@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from moegrok.config import check_overrides, command_line, register_configs
+from moegrok.config import check_command_line, register_configs
 from moegrok.errors import exit_status
 from moegrok.pipeline import run_sweep, run_watch
 
@@ -44,9 +44,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    # Hydra's own errors (an unknown key, a wrong type, a missing option) as one line and exit 2
-    config_name, overrides = command_line(sys.argv[1:], config_name="sweep")
-    if status := exit_status(lambda: check_overrides(config_name, overrides) or 0):
+    if status := check_command_line(sys.argv[1:], config_name="sweep"):  # Hydra's own errors in one line
         sys.exit(status)
     main()
     sys.exit(max(exit_statuses, default=0))

@@ -759,6 +759,15 @@ def command_line(argv: list[str], *, config_name: str) -> tuple[str, list[str]]:
     return name, overrides
 
 
+def check_command_line(argv: list[str], *, config_name: str) -> int:
+    """A job's command line checked before Hydra runs it: 0, or 2 after one line on stderr (what
+    Hydra itself would report in several lines with a traceback hint)."""
+    from moegrok.errors import exit_status
+
+    name, overrides = command_line(argv, config_name=config_name)
+    return exit_status(lambda: check_overrides(name, overrides) or 0)
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra so that a typo'd key fails at start-up."""
     from hydra.core.config_store import ConfigStore

@@ -9,6 +9,7 @@ from rapidfuzz.distance import Levenshtein
 from moegrok.data.samples import TokenizedSample
 from moegrok.metrics.pathways import group_metrics, mean_pairwise_distance, sample_features
 from moegrok.routing.recorder import routing_table
+from tests.reference.pathways import reference_levenshtein
 
 
 def make_table(routes, *, num_layers, num_experts, top_k, num_prompt=None, checkpoint="c", step=0):
@@ -39,16 +40,6 @@ def random_routes(rng, count, *, num_layers=4, num_experts=8, top_k=2, max_token
 
 
 # ------------------------------------------------------------------ slow, obviously-correct reference
-
-
-def ref_levenshtein(a, b):
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
 
 
 def ref_pathway(ids, weights, weight_share, positions="all", num_prompt=1):
@@ -117,16 +108,16 @@ def test_features_and_metrics_match_the_reference(positions, weight_share):
 
     pairs = [(i, j) for i in range(len(routes)) for j in range(i + 1, len(routes))]
     metrics = group_metrics(features)
-    ref_ids = np.mean([ref_levenshtein(flat(ref_layers[i]), flat(ref_layers[j])) for i, j in pairs])
+    ref_ids = np.mean([reference_levenshtein(flat(ref_layers[i]), flat(ref_layers[j])) for i, j in pairs])
     strings = features["pathway_str"].tolist()
-    ref_chars = np.mean([ref_levenshtein(strings[i], strings[j]) for i, j in pairs])
-    ref_norm = np.mean([ref_levenshtein(flat(ref_layers[i]), flat(ref_layers[j]))
+    ref_chars = np.mean([reference_levenshtein(strings[i], strings[j]) for i, j in pairs])
+    ref_norm = np.mean([reference_levenshtein(flat(ref_layers[i]), flat(ref_layers[j]))
                         / max(len(flat(ref_layers[i])), len(flat(ref_layers[j]))) for i, j in pairs])
     assert metrics["pathway_distance"] == pytest.approx(ref_ids)
     assert metrics["pathway_distance_chars"] == pytest.approx(ref_chars)
     assert metrics["pathway_distance_norm"] == pytest.approx(ref_norm, rel=1e-5)
     for layer in range(4):
-        ref_layer = np.mean([ref_levenshtein(ref_layers[i][layer], ref_layers[j][layer]) for i, j in pairs])
+        ref_layer = np.mean([reference_levenshtein(ref_layers[i][layer], ref_layers[j][layer]) for i, j in pairs])
         assert metrics["layer_distance"][layer] == pytest.approx(ref_layer)
     assert (metrics["num_samples"], metrics["num_pairs"], metrics["pairs"]) == (12, 66, "exact")
 
