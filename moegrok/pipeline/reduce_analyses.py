@@ -4,9 +4,10 @@ statistics of routing shards (moegrok/routing/analyses.py) and finalize them per
 * analyses (checkpoint): load balance, domain and vocabulary specialization, and router
   saturation against the *previous* checkpoint (`saturation_previous`, `top1_previous`): a
   monitor, it needs nothing later than the checkpoint itself;
-* saturation (checkpoint): saturation against the reference checkpoint
-  (`metrics.routing_analyses.saturation_reference`, by default the last: the paper's form; retrospective, so every
-  unit re-runs when a later checkpoint arrives);
+* saturation (a run of up to SATURATION_CHUNK checkpoints): saturation against the reference
+  checkpoint (`metrics.routing_analyses.saturation_reference`, by default the last: the paper's form;
+  retrospective, so every unit re-runs when a later checkpoint arrives, which is why a unit covers
+  several checkpoints and reads the reference's shards once);
 * reference: co-activation and domain specialization at the reference checkpoint.
 The driver joins the small per-checkpoint parts.
 """
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moegrok.config import RoutingAnalysesConfig, SweepConfig
@@ -40,16 +42,24 @@ METRIC_COLUMNS = {"saturation": "router_saturation", "top1_agreement": "top1_agr
                   "domain_specialization_max": "domain_specialization", "load_entropy": "load_entropy",
                   "vocab_specialization": "vocab_specialization"}
 REFERENCE_COLUMNS = ("saturation", "top1_agreement")
+# checkpoints per saturation unit: adding a checkpoint re-runs all of them (the reference moves), and
+# one unit per checkpoint cost more in dispatch and in re-reading the reference than in computing
+SATURATION_CHUNK = 32
 
 
-def _merged(shards: list[tuple[str, str | None]], *, with_coactivation: bool) -> tuple[dict, tuple[int, int, int]]:
+def _read_tokens(path: str) -> pa.Table:
+    return token_rows(pq.read_table(path))  # compact tables keep tokens for a subset only
+
+
+def _merged(shards: list[tuple[str, str | None]], *, with_coactivation: bool,
+            read_paired: Callable[[str], pa.Table] = _read_tokens) -> tuple[dict, tuple[int, int, int]]:
     """Per group, the statistics of these routing shards (each against its paired shard, if any)."""
     per_group: dict[str, list] = {}
     shape = (0, 0, 0)
     for path, paired in shards:
-        table = token_rows(pq.read_table(path))  # compact tables keep tokens for a subset only
+        table = _read_tokens(path)
         shape = routing_shape(table)
-        reference = token_rows(pq.read_table(paired)) if paired else None
+        reference = read_paired(paired) if paired else None
         stats = shard_statistics(table, reference, num_layers=shape[0], num_experts=shape[1], top_k=shape[2],
                                  with_coactivation=with_coactivation)
         for group, group_stats in stats.items():
@@ -80,10 +90,14 @@ def compute_analyses(unit: Unit, *, vocab_min_count: int) -> dict:
 
 
 def compute_saturation(unit: Unit, *, vocab_min_count: int) -> dict:
-    """Per-layer saturation of one checkpoint against the reference checkpoint."""
-    merged, shape = _merged(unit.payload["shards"], with_coactivation=False)
-    rows = _layer_rows(unit.payload["ref"], merged, shape, min_count=vocab_min_count,
-                       columns={key: key for key in REFERENCE_COLUMNS})
+    """Per-layer saturation of a run of checkpoints against the reference checkpoint, whose shards
+    are read once."""
+    read_reference = functools.cache(_read_tokens)
+    rows = []
+    for ref, shards in zip(unit.payload["refs"], unit.payload["shards"], strict=True):
+        merged, shape = _merged(shards, with_coactivation=False, read_paired=read_reference)
+        rows += _layer_rows(ref, merged, shape, min_count=vocab_min_count,
+                            columns={key: key for key in REFERENCE_COLUMNS})
     write_parquet(pd.DataFrame(rows), unit.output)
     return {"rows": len(rows)}
 
@@ -138,11 +152,16 @@ def analysis_units(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef],
                                       {**inputs, "metrics.routing_analyses.vocab_min_count":
                                        cfg.metrics.routing_analyses.vocab_min_count},
                                       payload={"ref": by_name[name], "shards": shards}))
-        if reference is not None:
-            shards, inputs = paired(name, reference)
-            units["saturation"].append(Unit(name, name, parts / "saturation" / f"{name}.parquet", inputs,
-                                            payload={"ref": by_name[name], "shards": shards}))
     if reference is not None:
+        for start in range(0, len(names), SATURATION_CHUNK):
+            chunk = names[start:start + SATURATION_CHUNK]
+            against = [paired(name, reference) for name in chunk]
+            output = parts / "saturation" / f"{chunk[0]}+{len(chunk)}.parquet"
+            units["saturation"].append(Unit(
+                f"saturation {chunk[0]}..{chunk[-1]}", chunk[0], output,
+                {"checkpoints": chunk, **{key: [inputs[key] for _, inputs in against]
+                                          for key in ("routing", "paired routing")}},
+                payload={"refs": [by_name[name] for name in chunk], "shards": [shards for shards, _ in against]}))
         shards, inputs = paired(reference, None)
         units["reference"].append(Unit(
             f"reference {reference}", reference, parts / "reference" / "coactivation.parquet", inputs,

@@ -286,6 +286,18 @@ def test_saturation_against_the_previous_checkpoint_needs_no_later_one(swept_run
     assert {"router_saturation", "router_saturation_previous", "top1_previous"} <= set(metrics.columns)
 
 
+
+def test_saturation_units_cover_runs_of_checkpoints_with_the_same_numbers(swept_copy, monkeypatch):
+    """A saturation unit reads the reference once for several checkpoints: chunked differently
+    (one checkpoint per unit here), the table is the same."""
+    from moegrok.pipeline import reduce_analyses
+    before = pd.read_parquet(swept_copy.routing_analyses)
+    monkeypatch.setattr(reduce_analyses, "SATURATION_CHUNK", 1)
+    assert run_sweep(rerun_config(swept_copy, "stage=reduce")) == 0
+    assert sorted(p.name for p in (swept_copy.root / "parts" / "saturation").glob("*+1.parquet")) == [
+        "step0+1.parquet", "step3+1.parquet", "step6+1.parquet"]
+    pd.testing.assert_frame_equal(pd.read_parquet(swept_copy.routing_analyses), before)
+
 def test_an_item_without_a_score_is_a_failure_row_and_the_others_count(tmp_path):
     from moegrok.data.checkpoints import CheckpointRef
     from moegrok.pipeline.evaluate import write_accuracy
