@@ -184,7 +184,7 @@ class RoutingRecorder:
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.to(self.device)
+        return tensor if self.device.type == "cpu" else tensor.to(self.device)
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host copy that does not wait for the device (CUDA: into a pinned buffer; ready after the
@@ -213,22 +213,21 @@ class RoutingRecorder:
                              ).last_hidden_state
         ids_LNK, weights_LNK = self._checked_routing(attention_mask_BT.bool().flatten())
         self._captured.clear()
-        ids_BLTK = ids_LNK.view(self.num_layers, batch_size, num_tokens_max, -1).transpose(0, 1)
-        weights_BLTK = weights_LNK.view(self.num_layers, batch_size, num_tokens_max, -1).transpose(0, 1)
         # router order: highest weight first (some routers return unsorted top-k)
-        weights_BLTK, order_BLTK = weights_BLTK.sort(dim=-1, descending=True, stable=True)
-        ids_BLTK = ids_BLTK.gather(-1, order_BLTK)
+        weights_LNK, order_LNK = weights_LNK.sort(dim=-1, descending=True, stable=True)
+        ids_LNK = ids_LNK.gather(-1, order_LNK)
 
         loss_B, accuracy_B = self._sample_losses(hidden_BTD, input_ids_BT, samples)
-        # each sample's (L, n, K) block in turn: rows (b, l, t < n_b) of the (B * L * T, K) routing,
+        # each sample's (L, n, K) block in turn: rows l * N + b * T + t (t < n_b) of the (L * N, K) routing,
         # indexed from the lengths the host knows (a boolean mask would wait for the device)
-        starts_BL = (np.arange(len(samples))[:, None] * self.num_layers + np.arange(self.num_layers)) * num_tokens_max
+        num_positions = batch_size * num_tokens_max
+        starts_BL = np.arange(len(samples))[:, None] * num_tokens_max + np.arange(self.num_layers) * num_positions
         counts = np.repeat(lengths_B, self.num_layers)
         rows_V = np.repeat(starts_BL.ravel() - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
         rows_V = self._to_device(torch.from_numpy(rows_V))
-        num_k = ids_BLTK.shape[-1]
-        ids = ids_BLTK.reshape(-1, num_k).index_select(0, rows_V).to(torch.int16).flatten()
-        weights = weights_BLTK.reshape(-1, num_k).index_select(0, rows_V).to(torch.float16).flatten()
+        num_k = ids_LNK.shape[-1]
+        ids = ids_LNK.view(-1, num_k).index_select(0, rows_V).to(torch.int16).flatten()
+        weights = weights_LNK.view(-1, num_k).index_select(0, rows_V).to(torch.float16).flatten()
         host = tuple(self._to_host(t) for t in (ids, weights, loss_B, accuracy_B))
         event = None
         if self.device.type == "cuda":
