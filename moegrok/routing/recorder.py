@@ -100,8 +100,7 @@ class RoutingRecorder:
         self.pad_to = pad_to
         # hooks for the recorder's lifetime (registered before a decoder is compiled, so the graph has them)
         self.persistent_hooks = persistent_hooks
-        if persistent_hooks:
-            self._register_hooks()
+        self._handles = self._register_hooks() if persistent_hooks else []
         self.metadata: dict[str, str] = {}  # extra routing-table metadata (experts implementation, ...)
         self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._stats: list[torch.Tensor] = []  # per batch (L, 6) check statistics, on the device
@@ -301,6 +300,12 @@ class RoutingRecorder:
         shape = {"num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
                  **self.metadata}
         return table.take(np.argsort(order)).replace_schema_metadata({k: str(v) for k, v in shape.items()})
+
+    def close(self) -> None:
+        """Remove the hooks a persistent-hook recorder left on the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def _register_hooks(self) -> list:
         return [router.register_forward_hook(self._hook, with_kwargs=True) for _, router in self.routers]

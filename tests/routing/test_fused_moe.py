@@ -83,11 +83,17 @@ def test_triton_kernel_matches_the_eager_experts_under_the_interpreter(interpret
     assert result["loss_diff"] <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def on_gpu():
+    pytest.importorskip("triton")
+    return run_check("cuda", interpret=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_triton_kernel_matches_the_eager_experts_on_the_gpu(family):
-    result = run_check("cuda", interpret=False)[family]
+def test_triton_kernel_matches_the_eager_experts_on_the_gpu(on_gpu, family):
+    result = on_gpu[family]
     assert result["runs"] == "fused_triton"
     assert result["experts_diff"] <= 1e-4 and result["logits_diff"] <= 1e-4 and result["ids_equal"]
 
