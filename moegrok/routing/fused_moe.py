@@ -55,13 +55,13 @@ if triton_available():
             end = tl.load(block_end_ptr + block)
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < end
-            pair = tl.load(pairs_ptr + rows, mask=row_ok, other=0)
+            pair = tl.load(pairs_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # offsets past 2^31
             token = pair // top_k
             cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < inter
             acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            w_base = w_ptr + expert * stride_we
+            w_base = w_ptr + expert.to(tl.int64) * stride_we
             for k0 in range(0, hidden, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < hidden
@@ -92,11 +92,11 @@ if triton_available():
             end = tl.load(block_end_ptr + block)
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < end
-            pair = tl.load(pairs_ptr + rows, mask=row_ok, other=0)
+            pair = tl.load(pairs_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # offsets past 2^31
             cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < hidden
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            w_base = w_ptr + expert * stride_we
+            w_base = w_ptr + expert.to(tl.int64) * stride_we
             for k0 in range(0, inter, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < inter
@@ -141,20 +141,21 @@ def triton_experts(hidden_ND: torch.Tensor, gate_up_E2ID: torch.Tensor, down_EDI
     num_experts, two_inter, _ = gate_up_E2ID.shape
     inter = two_inter // 2
     x = hidden_ND.contiguous()
-    pairs, block_expert, block_start, block_end = expert_blocks(ids_NK.reshape(-1).long(), num_experts)
+    # tiles: small under the interpreter (CPU tests), larger on a GPU once experts get enough rows
+    block_m, block_n, block_k = (64, 64, 32) if x.is_cuda and num_tokens * top_k >= 64 * num_experts else (16, 32, 32)
+    pairs, block_expert, block_start, block_end = expert_blocks(ids_NK.reshape(-1).long(), num_experts, block_m)
     ieee = x.dtype == torch.float32
     h_SI = torch.empty(num_tokens * top_k, inter, device=x.device, dtype=x.dtype)
-    block_n, block_k = 32, 32
     grid = (len(block_expert), triton.cdiv(inter, block_n))
     _gate_up_kernel[grid](x, gate_up_E2ID, h_SI, pairs, block_expert, block_start, block_end, top_k, hidden, inter,
                           x.stride(0), gate_up_E2ID.stride(0), gate_up_E2ID.stride(1), gate_up_E2ID.stride(2),
-                          h_SI.stride(0), BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
-    out_SD = torch.empty(num_tokens * top_k, hidden, device=x.device, dtype=torch.float32)
+                          h_SI.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
+    out_SD = torch.zeros(num_tokens * top_k, hidden, device=x.device, dtype=torch.float32)  # ids >= E: no expert
     weights_S = weights_NK.reshape(-1).contiguous()
     grid = (len(block_expert), triton.cdiv(hidden, block_n))
     _down_kernel[grid](h_SI, down_EDI, weights_S, out_SD, pairs, block_expert, block_start, block_end, hidden, inter,
                        h_SI.stride(0), down_EDI.stride(0), down_EDI.stride(1), down_EDI.stride(2), out_SD.stride(0),
-                       BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
+                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
     return out_SD.view(num_tokens, top_k, hidden).sum(1).to(hidden_ND.dtype)
 
 
