@@ -97,25 +97,28 @@ RECORD_SETTINGS = ("architecture", "experts_implementation", "compiled", "dtype"
 
 
 def check_record_settings(run: RunDir, refs: list[CheckpointRef], num_shards: int) -> None:
-    """Refuse routing tables recorded with different settings (RECORD_SETTINGS) across checkpoints."""
+    """Refuse routing tables of one architecture recorded with different experts implementations,
+    compilation or dtype across checkpoints (a sweep over several families may differ between them)."""
     import pyarrow.parquet as pq
 
-    seen: dict[tuple[str, ...], list[str]] = {}
+    seen: dict[str, dict[tuple[str, ...], list[str]]] = {}
     for ref in refs:
         for index in range(num_shards):
             path = run.routing_shard(ref.name, index)
             if path.exists():
                 metadata = pq.read_schema(path).metadata or {}
-                key = tuple(metadata.get(name.encode(), b"?").decode() for name in RECORD_SETTINGS)
-                if key != ("?",) * len(RECORD_SETTINGS):
-                    seen.setdefault(key, []).append(f"{ref.name}/shard{index:05d}")
-    if len(seen) > 1:
-        kinds = "; ".join(f"{', '.join(f'{n}={v}' for n, v in zip(RECORD_SETTINGS, key, strict=True))} "
-                          f"({units[0]}{f' and {len(units) - 1} more' if len(units) > 1 else ''})"
-                          for key, units in seen.items())
-        raise ConfigError(f"routing tables of this sweep were recorded with different settings: {kinds}. Record "
-                          "every checkpoint with the same model.experts_implementation, record.compile and "
-                          "model.dtype (set them explicitly instead of auto, and delete the odd routing/ directories)")
+                architecture, *key = (metadata.get(name.encode(), b"?").decode() for name in RECORD_SETTINGS)
+                if architecture != "?":
+                    seen.setdefault(architecture, {}).setdefault(tuple(key), []).append(f"{ref.name}/shard{index:05d}")
+    for architecture, kinds in seen.items():
+        if len(kinds) > 1:
+            said = "; ".join(f"{', '.join(f'{n}={v}' for n, v in zip(RECORD_SETTINGS[1:], key, strict=True))} "
+                             f"({units[0]}{f' and {len(units) - 1} more' if len(units) > 1 else ''})"
+                             for key, units in kinds.items())
+            raise ConfigError(f"{architecture} routing tables of this sweep were recorded with different settings: "
+                              f"{said}. Record every checkpoint with the same model.experts_implementation, "
+                              "record.compile and model.dtype (set them explicitly instead of auto, and delete the "
+                              "odd routing/ directories)")
 
 
 def token_samples(members: list[list[tuple[str, str]]], *, per_group: int) -> set[str]:

@@ -369,6 +369,7 @@ def test_routing_tables_say_how_they_were_recorded_and_a_sweep_refuses_to_mix_th
     check_record_settings(run, refs, len(shards))  # one sweep, one setting: fine
     table = pq.read_table(shards[0])
     write_parquet(table.replace_schema_metadata({**metadata, b"experts_implementation": b"fused_triton"}), shards[0])
-    with pytest.raises(ConfigError, match=r"different settings: .*experts_implementation=grouped_mm.*"
+    with pytest.raises(ConfigError, match=r"OlmoeForCausalLM routing tables of this sweep were recorded with different "
+                                          r"settings: .*experts_implementation=grouped_mm.*"
                                           r"experts_implementation=fused_triton.*\(step3/shard00000\)"):
         check_record_settings(run, refs, len(shards))
