@@ -233,13 +233,18 @@ class PretrainToyConfig:
 # --------------------------------------------------------------------------- sweep
 
 
+EXPERTS_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "batched_mm", "fused", "fused_triton", "fused_vllm")
+
+
 @dataclass
 class ModelConfig:
     """How checkpoints are loaded (config group `model/`)."""
 
     dtype: Dtype = Dtype.auto
     attn_implementation: str = ""  # "" = what transformers chooses for the model; eager | sdpa | ...
-    experts_implementation: str = ""  # "" = the transformers default; eager | grouped_mm | ...
+    # auto: the fastest available (GPU: vLLM's fused MoE kernel, else moegrok's Triton kernel; CPU: what
+    # transformers picks); eager | grouped_mm | batched_mm | fused | fused_triton | fused_vllm
+    experts_implementation: str = "auto"
     trust_remote_code: bool = False
     # the embedding progress measure (MED) runs over the tokens "0".."residue_tokens-1"; 0 = off
     residue_tokens: int = 0
@@ -250,6 +255,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.dtype = _choice(Dtype, self.dtype, "model.dtype")
+        _check(self.experts_implementation in EXPERTS_IMPLEMENTATIONS, "model.experts_implementation",
+               self.experts_implementation, "one of " + ", ".join(EXPERTS_IMPLEMENTATIONS))
         _check(self.residue_tokens >= 0, "model.residue_tokens", self.residue_tokens, ">= 0")
         module_name, _, function_name = self.adapter.partition(":")
         _check(not self.adapter or bool(module_name and function_name), "model.adapter", self.adapter,
@@ -302,7 +309,8 @@ class SamplesConfig:
 
 @dataclass
 class RecordConfig:
-    max_tokens_per_batch: int = 16384
+    max_tokens_per_batch: int = 0  # 0 = auto: GPU from free memory and the model's shape; CPU 16384
+    compile: bool | None = None  # torch.compile the decoder; null = on when a GPU is present, off on CPU
     loss_chunk_tokens: int = 4096
     keep_input_ids: bool = True  # the input_ids column (vocabulary specialization needs it)
     storage: Storage = Storage.tokens  # compact: a fraction of the bytes (docs/scale.md)
@@ -318,7 +326,8 @@ class RecordConfig:
         _check(self.token_samples_per_group >= 0, "record.token_samples_per_group", self.token_samples_per_group,
                ">= 0")
         _check_workers("record", self)
-        _check(self.max_tokens_per_batch > 0, "record.max_tokens_per_batch", self.max_tokens_per_batch, "> 0")
+        _check(self.max_tokens_per_batch >= 0, "record.max_tokens_per_batch", self.max_tokens_per_batch,
+               ">= 0 (0 = auto)")
         _check(self.loss_chunk_tokens > 0, "record.loss_chunk_tokens", self.loss_chunk_tokens, "> 0")
 
 

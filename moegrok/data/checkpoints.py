@@ -323,8 +323,12 @@ def resolve_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-def load_checkpoint(ref: CheckpointRef, model_cfg: ModelConfig, *, cache_dir: str, device: str):
-    """(model, tokenizer) of a checkpoint, safetensors only, remote code only if configured."""
+def load_checkpoint(ref: CheckpointRef, model_cfg: ModelConfig, *, cache_dir: str, device: str, host=None):
+    """(model, tokenizer) of a checkpoint, safetensors only, remote code only if configured.
+
+    `host`: a loaded model of the same architecture (config and parameter shapes) to copy the
+    checkpoint's weights into, in place (a compiled decoder stays valid); the returned model is then
+    `host` itself. Where it differs, a new model is returned."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -339,12 +343,34 @@ def load_checkpoint(ref: CheckpointRef, model_cfg: ModelConfig, *, cache_dir: st
             use_safetensors=True,
             trust_remote_code=model_cfg.trust_remote_code,
             attn_implementation=model_cfg.attn_implementation or None,  # None: transformers chooses
-        ).to(device)
+        )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     except CheckpointError:
         raise
     except Exception as e:
         raise CheckpointError(f"checkpoint {ref.name!r} ({ref.uri}): {type(e).__name__}: {e}") from e
-    if model_cfg.experts_implementation:
-        model.set_experts_implementation(model_cfg.experts_implementation)
-    return model.eval(), tokenizer
+    if host is not None and copy_weights(host, model):
+        return host, tokenizer
+    return model.to(device).eval(), tokenizer  # the experts implementation: the caller's (routing/fused_moe.py)
+
+
+def _architecture(config) -> dict:
+    """A config's fields that shape the model (names, paths and implementation choices left out)."""
+    return {key: value for key, value in config.to_dict().items()
+            if not key.startswith("_") and key not in ("name_or_path", "transformers_version", "dtype", "torch_dtype")}
+
+
+def copy_weights(host, model) -> bool:
+    """Copy `model`'s parameters and buffers into `host` in place, if both have the same class,
+    architecture and tensor names and shapes; False (nothing copied) otherwise."""
+    import torch
+
+    if type(host) is not type(model) or _architecture(host.config) != _architecture(model.config):
+        return False
+    source, target = model.state_dict(), host.state_dict()
+    if source.keys() != target.keys() or any(source[k].shape != target[k].shape for k in source):
+        return False
+    with torch.no_grad():
+        for name, tensor in target.items():
+            tensor.copy_(source[name])
+    return True

@@ -8,6 +8,7 @@ import ray
 from moegrok.config import Storage, SweepConfig
 from moegrok.data.checkpoints import CheckpointRef, load_checkpoint
 from moegrok.data.samples import TokenizedSample
+from moegrok.errors import ConfigError
 from moegrok.metrics.compact import compact_table
 from moegrok.pipeline.cluster import actor_options, init_ray
 from moegrok.pipeline.executor import ActorPool, StageResult, Unit, UnitWorker, run_stage
@@ -29,17 +30,28 @@ class RecordWorker(UnitWorker):
 
     def _load(self, ref: CheckpointRef) -> None:
         from moegrok.routing.adapters import load_adapter
+        from moegrok.routing.compiled import auto_token_budget, compiled_recorder
+        from moegrok.routing.fused_moe import set_experts_implementation
         from moegrok.routing.recorder import RoutingRecorder
+        from moegrok.routing.settings import compile_enabled
 
         if self.name == ref.name:
             return
-        self.name, self.recorder = None, None
+        host = self.recorder.model if self.recorder is not None else None
+        self.name = None
         model, self.tokenizer = load_checkpoint(ref, self.cfg.model, cache_dir=self.cfg.checkpoints.cache_dir,
-                                                device=self.device)
-        rec = self.cfg.record
-        adapter = load_adapter(self.cfg.model.adapter) if self.cfg.model.adapter else None  # imported here, per actor
-        self.recorder = RoutingRecorder(model, adapter=adapter, max_tokens_per_batch=rec.max_tokens_per_batch,
-                                        loss_chunk_tokens=rec.loss_chunk_tokens, keep_input_ids=rec.keep_input_ids)
+                                                device=self.device, host=host)
+        if model is not host:  # the first checkpoint, or another architecture: a new recorder (and compilation)
+            self.recorder = None
+            set_experts_implementation(model, self.cfg.model.experts_implementation, self.device)
+            rec = self.cfg.record
+            adapter = load_adapter(self.cfg.model.adapter) if self.cfg.model.adapter else None  # imported per actor
+            compiled = compile_enabled(rec.compile, self.device)
+            options = dict(adapter=adapter, loss_chunk_tokens=rec.loss_chunk_tokens, keep_input_ids=rec.keep_input_ids,
+                           max_tokens_per_batch=rec.max_tokens_per_batch
+                           or auto_token_budget(model, self.device, adapter=adapter))
+            self.recorder = compiled_recorder(model, **options) if compiled else RoutingRecorder(model, **options)
+            self.recorder.metadata = record_settings(model, compiled=compiled)
         self.name = ref.name
 
     def _checkpoint_weights(self) -> bytes:
@@ -72,6 +84,43 @@ class RecordWorker(UnitWorker):
         return {"rows": table.num_rows, "bytes": unit.output.stat().st_size}
 
 
+def record_settings(model, *, compiled: bool) -> dict[str, str]:
+    """What a routing table was recorded with, beyond its inputs: a different kernel or precision is
+    a different routing record, so a sweep holds these fixed across checkpoints."""
+    config = model.config
+    return {"architecture": ",".join(getattr(config, "architectures", None) or [type(model).__name__]),
+            "experts_implementation": str(getattr(config, "_experts_implementation", None) or "eager"),
+            "compiled": str(compiled).lower(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+
+
+RECORD_SETTINGS = ("architecture", "experts_implementation", "compiled", "dtype")
+
+
+def check_record_settings(run: RunDir, refs: list[CheckpointRef], num_shards: int) -> None:
+    """Refuse routing tables of one architecture recorded with different experts implementations,
+    compilation or dtype across checkpoints (a sweep over several families may differ between them)."""
+    import pyarrow.parquet as pq
+
+    seen: dict[str, dict[tuple[str, ...], list[str]]] = {}
+    for ref in refs:
+        for index in range(num_shards):
+            path = run.routing_shard(ref.name, index)
+            if path.exists():
+                metadata = pq.read_schema(path).metadata or {}
+                architecture, *key = (metadata.get(name.encode(), b"?").decode() for name in RECORD_SETTINGS)
+                if architecture != "?":
+                    seen.setdefault(architecture, {}).setdefault(tuple(key), []).append(f"{ref.name}/shard{index:05d}")
+    for architecture, kinds in seen.items():
+        if len(kinds) > 1:
+            said = "; ".join(f"{', '.join(f'{n}={v}' for n, v in zip(RECORD_SETTINGS[1:], key, strict=True))} "
+                             f"({units[0]}{f' and {len(units) - 1} more' if len(units) > 1 else ''})"
+                             for key, units in kinds.items())
+            raise ConfigError(f"{architecture} routing tables of this sweep were recorded with different settings: "
+                              f"{said}. Record every checkpoint with the same model.experts_implementation, "
+                              "record.compile and model.dtype (set them explicitly instead of auto, and delete the "
+                              "odd routing/ directories)")
+
+
 def token_samples(members: list[list[tuple[str, str]]], *, per_group: int) -> set[str]:
     """The samples whose token-level routing a compact table keeps: the first `per_group` of each
     group in sample order (the same in every checkpoint, so the routing analyses line up)."""
@@ -89,6 +138,7 @@ def record_stage(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef], shard
     checkpoint also writes its weights file."""
     settings = {f"model.{key}": getattr(cfg.model, key) for key in (
         "dtype", "attn_implementation", "experts_implementation", "trust_remote_code", "residue_tokens", "adapter")}
+    settings["record.compile"] = cfg.record.compile
     settings["record.keep_input_ids"] = cfg.record.keep_input_ids
     settings["record.storage"] = cfg.record.storage
     keep = token_samples(shards.members, per_group=cfg.record.token_samples_per_group)
@@ -107,7 +157,17 @@ def record_stage(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef], shard
                   for index, members in enumerate(shards.members) if members]
 
     def executor(todo: list[Unit]) -> ActorPool:
+        from moegrok.routing.settings import compile_enabled, resolve_implementation
+
         init_ray(cfg.cluster)
+        device = "cuda" if actor_options(cfg.record)["num_gpus"] > 0 else "cpu"
+        experts = (resolve_implementation(cfg.model.experts_implementation, device, probe=False)
+                   or "transformers' default")
+        compiled = "on" if compile_enabled(cfg.record.compile, device) else "off"
+        print(f"record: {len(todo)} units on {device}, experts {experts} "
+              f"(model.experts_implementation={cfg.model.experts_implementation}), compile {compiled} "
+              f"(record.compile={'null' if cfg.record.compile is None else cfg.record.compile}), "
+              f"model.dtype={cfg.model.dtype}")
         tokenized = shards.load()
         shard_refs = {index: ray.put(tokenized[index]) for index in sorted({u.payload["shard"] for u in todo})}
         for unit in todo:
@@ -115,4 +175,6 @@ def record_stage(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef], shard
         return ActorPool(RecordWorker, cfg, str(run.root), num_actors=cfg.record.num_actors,
                          options=actor_options(cfg.record), max_retries=cfg.record.max_retries)
 
-    return run_stage("record", units, executor, progress=cfg.progress)
+    result = run_stage("record", units, executor, progress=cfg.progress)
+    check_record_settings(run, refs, len(shards.members))
+    return result

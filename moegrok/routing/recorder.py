@@ -10,7 +10,8 @@ logits are computed only for scored positions and in chunks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +24,8 @@ from moegrok.errors import RoutingError
 from moegrok.routing.adapters import MoeAdapter
 from moegrok.routing.families import adapter_for
 from moegrok.store import ROUTING_SCHEMA
+
+DEFAULT_MAX_TOKENS_PER_BATCH = 16384  # record.max_tokens_per_batch=0 off GPU
 
 
 def router_weights(model: torch.nn.Module, *, adapter: MoeAdapter | None = None) -> torch.Tensor:
@@ -53,16 +56,27 @@ def _is_integer(values) -> bool:
 
 
 class RoutingRecorder:
-    """Records routing and per-sample loss of one model. Reuse it across sample shards."""
+    """Records routing and per-sample loss of one model. Reuse it across sample shards.
+
+    Pipelined: nothing inside a batch waits for the device. The routing checks are reduced on the
+    device and checked once per `record` call (a violation fails the whole call, so nothing of it is
+    stored); results come back through pinned buffers without blocking (CUDA), and a worker thread
+    builds a batch's Arrow table while the next batch runs (`pipeline`: None = on CUDA only, where
+    the forward is asynchronous; on CPU the forward holds the cores and the thread only adds switching).
+    """
 
     def __init__(
         self,
         model: torch.nn.Module,
         *,
         adapter: MoeAdapter | None = None,
-        max_tokens_per_batch: int = 16384,
+        max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
         loss_chunk_tokens: int = 4096,
         keep_input_ids: bool = False,
+        pipeline: bool | None = None,
+        decoder: Callable | None = None,
+        pad_to: Callable[[int, int], tuple[int, int]] | None = None,
+        persistent_hooks: bool = False,
     ) -> None:
         self.model = model.eval()
         self.adapter = adapter or adapter_for(model)
@@ -79,7 +93,18 @@ class RoutingRecorder:
         self.loss_chunk_tokens = loss_chunk_tokens
         self.keep_input_ids = keep_input_ids
         self.device = next(model.parameters()).device
+        self.pipeline = self.device.type == "cuda" if pipeline is None else pipeline
+        # the decoder call (a compiled one: moegrok/routing/compiled.py) and the padded (batch, length)
+        # of a batch; None: the adapter's decoder, padded to the longest sample
+        self.decoder = decoder
+        self.pad_to = pad_to
+        # hooks for the recorder's lifetime (registered before a decoder is compiled, so the graph has them)
+        self.persistent_hooks = persistent_hooks
+        self._handles = self._register_hooks() if persistent_hooks else []
+        self.metadata: dict[str, str] = {}  # extra routing-table metadata (experts implementation, ...)
         self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._stats: list[torch.Tensor] = []  # per batch (L, 6) check statistics, on the device
+        self._weights_dtype = torch.float32
 
     @property
     def num_layers(self) -> int:
@@ -88,30 +113,50 @@ class RoutingRecorder:
     def _hook(self, module, args, kwargs, output) -> None:
         self._captured.append(self.adapter.read(module, args, kwargs, output))
 
+    def _where(self) -> list[str]:
+        return [f"{self.name} layer {index} ({self.adapter.hook})" for index, _ in self.routers]
+
     def _checked_routing(self, valid_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids_LNK, weights_LNK) of the batch's N token positions, after checking that every read is
-        top-k routing (values at the real tokens, `valid_N`; padding may route anyhow)."""
+        """(ids_LNK, weights_LNK) of the batch's N token positions, after checking types and shapes
+        now and queuing the value checks (`_raise_on_violations`) at the real tokens, `valid_N`
+        (padding may route anyhow). No device sync."""
         if len(self._captured) != self.num_layers:
             raise RoutingError(f"{self.name}: {len(self._captured)} calls of {self.adapter.hook!r} in one forward, "
                                f"expected one per MoE layer ({self.num_layers})")
-        where = [f"{self.name} layer {index} ({self.adapter.hook})" for index, _ in self.routers]
-        for at, (ids, weights) in zip(where, self._captured, strict=True):
+        for at, (ids, weights) in zip(self._where(), self._captured, strict=True):
             self._check_read(at, ids, weights, num_tokens=len(valid_N))
+        self._weights_dtype = self._captured[0][1].dtype
         ids_LNK = torch.stack([ids.long() for ids, _ in self._captured])
         weights_LNK = torch.stack([weights.float() for _, weights in self._captured])
-        ids_LVK, weights_LVK = ids_LNK[:, valid_N], weights_LNK[:, valid_N]  # V: the real tokens
-        sorted_LVK = ids_LVK.sort(dim=-1).values
-        sums_LV = weights_LVK.sum(-1)
-        deviation_LV = (sums_LV - self.weight_sum).abs() if self.weight_sum is not None else torch.zeros_like(sums_LV)
-        worst_V = deviation_LV.argmax(-1, keepdim=True)
-        stats_L6 = torch.stack([  # one device sync for all checks
-            ids_LVK.amin((1, 2)).double(), ids_LVK.amax((1, 2)).double(),
-            (sorted_LVK[..., 1:] == sorted_LVK[..., :-1]).any(-1).sum(-1).double(),
-            (~weights_LVK.isfinite()).sum((1, 2)).double(),
-            deviation_LV.gather(-1, worst_V)[:, 0].double(), sums_LV.gather(-1, worst_V)[:, 0].double(),
-        ], 1).tolist()
-        tolerance = abs(self.weight_sum or 0) * (1e-4 + self.top_k * torch.finfo(self._captured[0][1].dtype).eps)
-        for at, (low, high, repeated, nonfinite, deviation, worst_sum) in zip(where, stats_L6, strict=True):
+        valid_1N1 = valid_N[None, :, None]
+        sorted_LNK = ids_LNK.sort(dim=-1).values
+        sums_LN = weights_LNK.sum(-1)
+        deviation_LN = ((sums_LN - self.weight_sum).abs() if self.weight_sum is not None
+                        else torch.zeros_like(sums_LN)).masked_fill(~valid_N[None], -1.0)
+        worst_L1 = deviation_LN.argmax(-1, keepdim=True)
+        self._stats.append(torch.stack([
+            ids_LNK.masked_fill(~valid_1N1, self.num_experts).amin((1, 2)).double(),
+            ids_LNK.masked_fill(~valid_1N1, 0).amax((1, 2)).double(),
+            ((sorted_LNK[..., 1:] == sorted_LNK[..., :-1]).any(-1) & valid_N[None]).sum(-1).double(),
+            (~weights_LNK.isfinite() & valid_1N1).sum((1, 2)).double(),
+            deviation_LN.gather(-1, worst_L1)[:, 0].double(), sums_LN.gather(-1, worst_L1)[:, 0].double(),
+        ], 1))
+        return ids_LNK, weights_LNK
+
+    def _raise_on_violations(self) -> None:
+        """The value checks of every batch since the last call, with one device sync."""
+        if not self._stats:
+            return
+        stats_BL6 = torch.stack(self._stats).cpu()
+        self._stats.clear()
+        low_L, high_L = stats_BL6[..., 0].amin(0).tolist(), stats_BL6[..., 1].amax(0).tolist()
+        repeated_L, nonfinite_L = stats_BL6[..., 2].sum(0).tolist(), stats_BL6[..., 3].sum(0).tolist()
+        worst_L = stats_BL6[..., 4].argmax(0)
+        deviation_L = stats_BL6[..., 4].amax(0).tolist()
+        worst_sum_L = stats_BL6[..., 5].gather(0, worst_L[None])[0].tolist()
+        tolerance = abs(self.weight_sum or 0) * (1e-4 + self.top_k * torch.finfo(self._weights_dtype).eps)
+        for at, low, high, repeated, nonfinite, deviation, worst_sum in zip(
+                self._where(), low_L, high_L, repeated_L, nonfinite_L, deviation_L, worst_sum_L, strict=True):
             if low < 0 or high >= self.num_experts:
                 raise RoutingError(f"{at}: top-k ids span {low:.0f}..{high:.0f}, expected 0..{self.num_experts - 1}")
             if repeated:
@@ -121,7 +166,6 @@ class RoutingRecorder:
             if deviation > tolerance:
                 raise RoutingError(f"{at}: a token's top-k weights sum to {worst_sum:.6g}, expected "
                                    f"{self.weight_sum:g} (this family normalizes them)")
-        return ids_LNK, weights_LNK
 
     def _check_read(self, at: str, ids, weights, *, num_tokens: int) -> None:
         """Types and shapes of one layer's read: integer ids and float weights, (tokens, top-k) each."""
@@ -136,29 +180,59 @@ class RoutingRecorder:
             raise RoutingError(f"{at}: ids {tuple(ids.shape)} and weights {tuple(weights.shape)}, expected "
                                f"{expected} each (tokens, top-k)")
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor if self.device.type == "cpu" else tensor.to(self.device)
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host copy that does not wait for the device (CUDA: into a pinned buffer; ready after the
+        batch's event)."""
+        if self.device.type != "cuda":
+            return tensor.cpu()
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return host.copy_(tensor, non_blocking=True)
+
     @torch.inference_mode()
     def _record_batch(self, samples: list[TokenizedSample]):
-        """Flat routing (each sample's (L, n, K) block in turn), and per-sample loss and accuracy."""
-        input_ids_BT, attention_mask_BT = (t.to(self.device) for t in pad_batch(samples))
+        """Host tensors (flat routing: each sample's (L, n, K) block in turn; per-sample loss and accuracy)
+        and the CUDA event after which they are filled (None off CUDA). Queues the batch's checks."""
+        lengths_B = np.array([len(s.input_ids) for s in samples])
+        input_ids_BT, attention_mask_BT = pad_batch(samples)
+        if self.pad_to is not None:  # a fixed shape for the compiled decoder: extra rows and columns are padding
+            rows, cols = self.pad_to(*input_ids_BT.shape)
+            grow = (0, cols - input_ids_BT.shape[1], 0, rows - input_ids_BT.shape[0])
+            input_ids_BT, attention_mask_BT = F.pad(input_ids_BT, grow), F.pad(attention_mask_BT, grow)
         batch_size, num_tokens_max = input_ids_BT.shape
+        input_ids_BT, attention_mask_BT = self._to_device(input_ids_BT), self._to_device(attention_mask_BT)
 
         self._captured.clear()
-        hidden_BTD = self.adapter.decoder(self.model)(
-            input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False
-        ).last_hidden_state
+        decoder = self.decoder if self.decoder is not None else self.adapter.decoder(self.model)
+        hidden_BTD = decoder(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False
+                             ).last_hidden_state
         ids_LNK, weights_LNK = self._checked_routing(attention_mask_BT.bool().flatten())
-        ids_BLTK = ids_LNK.view(self.num_layers, batch_size, num_tokens_max, -1).transpose(0, 1)
-        weights_BLTK = weights_LNK.view(self.num_layers, batch_size, num_tokens_max, -1).transpose(0, 1)
+        self._captured.clear()
         # router order: highest weight first (some routers return unsorted top-k)
-        weights_BLTK, order_BLTK = weights_BLTK.sort(dim=-1, descending=True, stable=True)
-        ids_BLTK = ids_BLTK.gather(-1, order_BLTK)
+        weights_LNK, order_LNK = weights_LNK.sort(dim=-1, descending=True, stable=True)
+        ids_LNK = ids_LNK.gather(-1, order_LNK)
 
         loss_B, accuracy_B = self._sample_losses(hidden_BTD, input_ids_BT, samples)
-        # dropping padding in (B, L, T, K) order leaves each sample's (L, n, K) block contiguous
-        valid_BLTK = attention_mask_BT.bool()[:, None, :, None].expand_as(ids_BLTK)
-        return (ids_BLTK[valid_BLTK].to(torch.int16).cpu().numpy(),
-                weights_BLTK[valid_BLTK].to(torch.float16).cpu().numpy(),
-                loss_B.cpu().numpy(), accuracy_B.cpu().numpy())
+        # each sample's (L, n, K) block in turn: rows l * N + b * T + t (t < n_b) of the (L * N, K) routing,
+        # indexed from the lengths the host knows (a boolean mask would wait for the device)
+        num_positions = batch_size * num_tokens_max
+        starts_BL = np.arange(len(samples))[:, None] * num_tokens_max + np.arange(self.num_layers) * num_positions
+        counts = np.repeat(lengths_B, self.num_layers)
+        rows_V = np.repeat(starts_BL.ravel() - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
+        rows_V = self._to_device(torch.from_numpy(rows_V))
+        num_k = ids_LNK.shape[-1]
+        ids = ids_LNK.view(-1, num_k).index_select(0, rows_V).to(torch.int16).flatten()
+        weights = weights_LNK.view(-1, num_k).index_select(0, rows_V).to(torch.float16).flatten()
+        host = tuple(self._to_host(t) for t in (ids, weights, loss_B, accuracy_B))
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return host, event
 
     def _sample_losses(self, hidden_BTD, input_ids_BT, samples) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean NLL and greedy (argmax) accuracy of each sample's scored tokens; vocabulary logits
@@ -167,7 +241,7 @@ class RoutingRecorder:
         count_B = np.array([len(s.input_ids) for s in samples]) - 1 - first_B
         rows_N = np.repeat(np.arange(len(samples)), count_B)
         cols_N = np.arange(len(rows_N)) - np.repeat(np.cumsum(count_B) - count_B - first_B, count_B)
-        rows_N, cols_N = torch.from_numpy(rows_N).to(self.device), torch.from_numpy(cols_N).to(self.device)
+        rows_N, cols_N = self._to_device(torch.from_numpy(rows_N)), self._to_device(torch.from_numpy(cols_N))
         targets_N = input_ids_BT[rows_N, cols_N + 1]
         nll_N = torch.empty(len(rows_N), dtype=torch.float32, device=self.device)
         correct_N = torch.empty_like(nll_N)
@@ -176,27 +250,65 @@ class RoutingRecorder:
             logits_NV = self.adapter.lm_logits(self.model, hidden_BTD[rows_N[chunk], cols_N[chunk]]).float()
             nll_N[chunk] = F.cross_entropy(logits_NV, targets_N[chunk], reduction="none")
             correct_N[chunk] = (logits_NV.argmax(-1) == targets_N[chunk]).float()
-        count_B = torch.from_numpy(count_B).to(self.device, torch.float32)
+        count_B = self._to_device(torch.from_numpy(count_B)).to(torch.float32)
         loss_B = torch.zeros_like(count_B).index_add_(0, rows_N, nll_N) / count_B
         return loss_B, torch.zeros_like(count_B).index_add_(0, rows_N, correct_N) / count_B
+
+    def _batch_arrays(self, host: tuple[torch.Tensor, ...], event) -> tuple[np.ndarray, ...]:
+        if event is not None:
+            event.synchronize()
+        return tuple(t.numpy() for t in host)
+
+    def _batch_table(self, samples: list[TokenizedSample], host: tuple[torch.Tensor, ...], event, *,
+                     checkpoint: str, step: int) -> pa.Table:
+        ids, weights, losses, accuracy = self._batch_arrays(host, event)
+        return routing_table(samples, ids, weights, losses, checkpoint=checkpoint, step=step,
+                             keep_input_ids=self.keep_input_ids, token_accuracy=accuracy)
 
     def record(self, samples: Sequence[TokenizedSample], *, checkpoint: str, step: int) -> pa.Table:
         """The routing table of `samples` (rows in the given order)."""
         batches = length_buckets([len(s.input_ids) for s in samples], max_tokens_per_batch=self.max_tokens_per_batch,
                                  equal_lengths=self.adapter.pad_free)
-        handles = [router.register_forward_hook(self._hook, with_kwargs=True) for _, router in self.routers]
+        handles = [] if self.persistent_hooks else self._register_hooks()
+        self._stats.clear()
+        worker = ThreadPoolExecutor(max_workers=1) if self.pipeline else None
+        parts = []
         try:
-            results = [self._record_batch([samples[i] for i in batch]) for batch in batches]
+            for batch in batches:
+                members = [samples[i] for i in batch]
+                host, event = self._record_batch(members)
+                if worker:  # batch i's table is built while batch i + 1 runs
+                    parts.append(worker.submit(self._batch_table, members, host, event, checkpoint=checkpoint,
+                                               step=step))
+                else:
+                    parts.append(self._batch_arrays(host, event))
+            parts = [part.result() for part in parts] if worker else parts
+            self._raise_on_violations()  # the one check of this call: nothing is returned before it passes
         finally:
+            self._stats.clear()
+            if worker:
+                worker.shutdown(wait=True, cancel_futures=True)
             for handle in handles:
                 handle.remove()
         order = [i for batch in batches for i in batch]
-        columns = [np.concatenate(parts) for parts in zip(*results, strict=True)]
-        ids, weights, losses, accuracy = columns or [[]] * 4  # no batches: no samples
-        table = routing_table([samples[i] for i in order], ids, weights, losses, checkpoint=checkpoint, step=step,
-                              keep_input_ids=self.keep_input_ids, token_accuracy=accuracy)
-        shape = {"num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k}
+        if worker and parts:
+            table = pa.concat_tables(parts).combine_chunks()
+        else:  # one table of all batches (no batches: no samples)
+            ids, weights, losses, accuracy = [np.concatenate(column) for column in zip(*parts, strict=True)] or [[]] * 4
+            table = routing_table([samples[i] for i in order], ids, weights, losses, checkpoint=checkpoint, step=step,
+                                  keep_input_ids=self.keep_input_ids, token_accuracy=accuracy if parts else None)
+        shape = {"num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
+                 **self.metadata}
         return table.take(np.argsort(order)).replace_schema_metadata({k: str(v) for k, v in shape.items()})
+
+    def close(self) -> None:
+        """Remove the hooks a persistent-hook recorder left on the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _register_hooks(self) -> list:
+        return [router.register_forward_hook(self._hook, with_kwargs=True) for _, router in self.routers]
 
 
 def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.ListArray:

@@ -351,3 +351,25 @@ def test_tune_stage_evaluates_tuned_checkpoints_beside_direct_ones(swept_copy):
     stamp = tuned_weights.stat().st_mtime_ns
     assert run_sweep(cfg, stages=["tune"]) == 0  # resume: every tuned checkpoint is skipped
     assert tuned_weights.stat().st_mtime_ns == stamp
+
+
+def test_routing_tables_say_how_they_were_recorded_and_a_sweep_refuses_to_mix_them(swept_copy):
+    from moegrok.data.checkpoints import CheckpointRef
+    from moegrok.errors import ConfigError
+    from moegrok.pipeline.record import check_record_settings
+
+    run = swept_copy
+    shards = sorted((run.root / "routing" / "step3").glob("*.parquet"))
+    metadata = pq.read_schema(shards[0]).metadata
+    assert {key: metadata[key.encode()].decode() for key in ("architecture", "experts_implementation", "compiled",
+                                                             "dtype")} == {
+        "architecture": "OlmoeForCausalLM", "experts_implementation": "grouped_mm", "compiled": "false",
+        "dtype": "float32"}
+    refs = [CheckpointRef(name=name, step=0, tokens=None, uri="") for name in pd.read_parquet(run.catalog)["name"]]
+    check_record_settings(run, refs, len(shards))  # one sweep, one setting: fine
+    table = pq.read_table(shards[0])
+    write_parquet(table.replace_schema_metadata({**metadata, b"experts_implementation": b"fused_triton"}), shards[0])
+    with pytest.raises(ConfigError, match=r"OlmoeForCausalLM routing tables of this sweep were recorded with different "
+                                          r"settings: .*experts_implementation=grouped_mm.*"
+                                          r"experts_implementation=fused_triton.*\(step3/shard00000\)"):
+        check_record_settings(run, refs, len(shards))

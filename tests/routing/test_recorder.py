@@ -191,3 +191,25 @@ def test_unsupported_architecture_names_the_class_and_what_to_do():
     with pytest.raises(UnsupportedModelError, match=r"LlamaForCausalLM \(model_type 'llama'\) is not a supported "
                                                     r"MoE architecture.*olmoe.*model\.adapter=package\.module"):
         RoutingRecorder(model)
+
+
+def test_pipelined_recorder_equals_the_inline_one_and_checks_every_batch(granite):
+    from dataclasses import replace
+
+    model, samples = granite
+    inline = RoutingRecorder(model, max_tokens_per_batch=12, pipeline=False).record(samples, checkpoint="c", step=0)
+    piped = RoutingRecorder(model, max_tokens_per_batch=12, pipeline=True).record(samples, checkpoint="c", step=0)
+    assert inline.equals(piped) and len(samples) == inline.num_rows
+    calls = []
+
+    def wrong_after_first_batch(module, args, kwargs, output):  # the second batch on: ids out of range
+        ids, weights = IDS_WEIGHTS_LOGITS(module, args, kwargs, output)
+        calls.append(1)
+        return (ids + 6, weights) if len(calls) > 3 else (ids, weights)
+
+    recorder = RoutingRecorder(model, adapter=replace(adapter_for(model), read=wrong_after_first_batch),
+                               max_tokens_per_batch=12, pipeline=True)
+    with pytest.raises(RoutingError, match=r"layer 0 \(block_sparse_moe\.router\): top-k ids span \d+\.\.\d+, "
+                                           r"expected 0\.\.7"):
+        recorder.record(samples, checkpoint="c", step=0)
+    assert len(calls) > 3 and not recorder._stats
