@@ -73,12 +73,16 @@ def filesystem(scheme: str, options: dict[str, Any] | None = None) -> pafs.FileS
                 kwargs["endpoint_override"] = os.environ["AWS_ENDPOINT_URL"]
             if "region" not in kwargs and os.environ.get("AWS_DEFAULT_REGION"):
                 kwargs["region"] = os.environ["AWS_DEFAULT_REGION"]
-            _FILESYSTEMS[key] = pafs.S3FileSystem(**kwargs)
+            # delayed open: a small object is one PUT (not a 3-request multipart upload)
+            _FILESYSTEMS[key] = pafs.S3FileSystem(allow_delayed_open=True, **kwargs)
         else:
             import fsspec  # gs:// through gcsfs (the `gcs` extra), and every other fsspec protocol
 
             _FILESYSTEMS[key] = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme, **options)))
     return _FILESYSTEMS[key]
+
+
+ROOTED_SCHEMES = ("memory", "file", "local")
 
 
 class _Stat:
@@ -91,7 +95,9 @@ class ObjectPath:
 
     def __init__(self, url: str, options: dict[str, Any] | None = None) -> None:
         self.scheme, _, rest = str(url).partition("://")
-        self.key = rest.strip("/")
+        # the key as the store's filesystem names it: bucket/key; fsspec's memory and local
+        # filesystems root theirs at "/"
+        self.key = ("/" if self.scheme in ROOTED_SCHEMES else "") + rest.strip("/")
         self.options = dict(_OPTIONS if options is None else options)
 
     @property
@@ -99,7 +105,7 @@ class ObjectPath:
         return filesystem(self.scheme, self.options)
 
     def __str__(self) -> str:
-        return f"{self.scheme}://{self.key}"
+        return f"{self.scheme}://{self.key.lstrip('/')}"
 
     def __repr__(self) -> str:
         return f"ObjectPath({str(self)!r})"
@@ -131,6 +137,9 @@ class ObjectPath:
     @property
     def parent(self) -> ObjectPath:
         return ObjectPath(f"{self.scheme}://{self.key.rpartition('/')[0]}", self.options)
+
+    def resolve(self) -> ObjectPath:
+        return self
 
     def _info(self) -> pafs.FileInfo:
         return self.fs.get_file_info(self.key)
@@ -180,11 +189,12 @@ class ObjectPath:
             if not missing_ok and not self.exists():
                 raise FileNotFoundError(str(self)) from None
 
-    def open(self, mode: str = "rb") -> Any:
+    def open(self, mode: str = "rb") -> io.IOBase:
+        """The object read whole (sample and benchmark files), as a file."""
         if mode == "rb":
-            return self.fs.open_input_file(self.key)
+            return io.BytesIO(self.read_bytes())
         if mode == "r":
-            return io.TextIOWrapper(self.fs.open_input_file(self.key))
+            return io.StringIO(self.read_text())
         raise ValueError(f"{self}: objects are opened for reading only (mode {mode!r})")
 
     def listing(self, *, recursive: bool = False) -> list[pafs.FileInfo]:
@@ -237,20 +247,40 @@ def read_parquet(path: str | AnyPath, columns: list[str] | None = None, **kwargs
     return pd.read_parquet(path, columns=columns, **kwargs)
 
 
-def read_table(path: str | AnyPath, columns: list[str] | None = None) -> pa.Table:
+def read_table(path: str | AnyPath | list[str | AnyPath], columns: list[str] | None = None,
+               **kwargs: Any) -> pa.Table:
+    """pq.read_table of a local path, a URL, or a list of either (one dataset)."""
+    paths = [as_path(p) for p in path] if isinstance(path, list) else [as_path(path)]
+    if not (paths and isinstance(paths[0], ObjectPath)):
+        return pq.read_table([str(p) for p in paths] if isinstance(path, list) else paths[0], columns=columns,
+                             **kwargs)
+    if isinstance(path, list) or paths[0].is_dir():
+        source = dataset(paths if isinstance(path, list) else paths[0])
+        return source.to_table(columns=columns, filter=_filter(kwargs.pop("filters", None)))
+    return pq.read_table(paths[0].key, columns=columns, filesystem=paths[0].fs, **kwargs)
+
+
+def _filter(filters: list[tuple] | None) -> Any:
+    return None if filters is None else pq.filters_to_expression(filters)
+
+
+def load_safetensors(path: str | AnyPath) -> dict:
+    """safetensors.numpy.load_file of a local path or a URL."""
+    from safetensors.numpy import load, load_file
+
     path = as_path(path)
-    if isinstance(path, ObjectPath):
-        if path.is_dir():
-            return dataset(path).to_table(columns=columns)
-        return pq.read_table(path.key, columns=columns, filesystem=path.fs)
-    return pq.read_table(path, columns=columns)
+    return load(path.read_bytes()) if isinstance(path, ObjectPath) else load_file(path)
 
 
 def dataset(path: str | AnyPath | list[AnyPath]) -> ds.Dataset:
     """A Parquet dataset of a directory (or a list of files), local or on an object store."""
     paths = path if isinstance(path, list) else [as_path(path)]
     if paths and isinstance(paths[0], ObjectPath):
-        source = paths[0].key if not isinstance(path, list) else [p.key for p in paths]
+        if isinstance(path, list):
+            source = [p.key for p in paths]
+        else:  # the Parquet files under the prefix, from one listing (hidden markers left out)
+            source = sorted(info.path for info in paths[0].listing(recursive=True) if info.path.endswith(".parquet")
+                            and not info.base_name.startswith((".", "_")))
         return ds.dataset(source, format="parquet", filesystem=paths[0].fs)
     return ds.dataset(str(paths[0]) if not isinstance(path, list) else [str(p) for p in paths], format="parquet")
 
