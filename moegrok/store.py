@@ -163,6 +163,14 @@ class ObjectPath:
         """Nothing to do: an object store has no directories, only key prefixes."""
 
     def read_bytes(self) -> bytes:
+        """The whole object: on S3 one GET (pyarrow's stream would HEAD it first)."""
+        if self.scheme in ("s3", "s3a"):
+            bucket, _, key = self.key.partition("/")
+            client = s3_client(self.options)
+            try:
+                return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except client.exceptions.NoSuchKey:
+                raise FileNotFoundError(str(self)) from None
         try:
             with self.fs.open_input_stream(self.key) as f:
                 return f.read()
@@ -254,10 +262,10 @@ def read_table(path: str | AnyPath | list[str | AnyPath], columns: list[str] | N
     if not (paths and isinstance(paths[0], ObjectPath)):
         return pq.read_table([str(p) for p in paths] if isinstance(path, list) else paths[0], columns=columns,
                              **kwargs)
-    if isinstance(path, list) or paths[0].is_dir():
-        source = dataset(paths if isinstance(path, list) else paths[0])
-        return source.to_table(columns=columns, filter=_filter(kwargs.pop("filters", None)))
-    return pq.read_table(paths[0].key, columns=columns, filesystem=paths[0].fs, **kwargs)
+    if not isinstance(path, list) and not paths[0].is_dir():  # one GET of the whole table
+        return pq.read_table(pa.BufferReader(paths[0].read_bytes()), columns=columns, **kwargs)
+    table = dataset(paths if isinstance(path, list) else paths[0]).to_table(filter=_filter(kwargs.pop("filters", None)))
+    return table if columns is None else table.select(columns)
 
 
 def _filter(filters: list[tuple] | None) -> Any:
@@ -281,7 +289,11 @@ def dataset(path: str | AnyPath | list[AnyPath]) -> ds.Dataset:
         else:  # the Parquet files under the prefix, from one listing (hidden markers left out)
             source = sorted(info.path for info in paths[0].listing(recursive=True) if info.path.endswith(".parquet")
                             and not info.base_name.startswith((".", "_")))
-        return ds.dataset(source, format="parquet", filesystem=paths[0].fs)
+        # each file in one GET (a file dataset would HEAD it and read its footer apart): the Parquet
+        # files of a directory or a unit's inputs are what the unit reads whole anyway
+        tables = [pq.read_table(pa.BufferReader(ObjectPath(f"{paths[0].scheme}://{key}", paths[0].options)
+                                                .read_bytes())) for key in source]
+        return ds.dataset(pa.concat_tables(tables, promote_options="default") if tables else pa.table({}))
     return ds.dataset(str(paths[0]) if not isinstance(path, list) else [str(p) for p in paths], format="parquet")
 
 # --------------------------------------------------------------------------- atomic writes
@@ -375,7 +387,7 @@ def read_tags(path: str | AnyPath) -> dict:
     if not path.exists():
         return {}
     if isinstance(path, ObjectPath):
-        metadata = pq.read_schema(path.key, filesystem=path.fs).metadata or {}
+        metadata = pq.read_schema(pa.BufferReader(path.read_bytes())).metadata or {}
     else:
         metadata = pq.read_schema(path).metadata or {}
     return json.loads(metadata.get(b"moegrok", b"{}"))
@@ -537,6 +549,22 @@ follows when the record config keeps token ids (vocabulary specialization needs 
 LEASE_TTL_S = 120.0  # storage.lease_ttl_s
 
 
+_S3_CLIENTS: dict[str, Any] = {}
+
+
+def s3_client(options: dict[str, Any]) -> Any:
+    """A boto3 S3 client with fsspec-style options (unset ones from the AWS_* variables)."""
+    key = json.dumps(options, sort_keys=True, default=str)
+    if key not in _S3_CLIENTS:
+        import boto3
+
+        _S3_CLIENTS[key] = boto3.client(
+            "s3", endpoint_url=options.get("endpoint_url") or None, aws_access_key_id=options.get("key"),
+            aws_secret_access_key=options.get("secret"), aws_session_token=options.get("token"),
+            region_name=options.get("region") or options.get("region_name"))
+    return _S3_CLIENTS[key]
+
+
 def _holder() -> str:
     since = pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%d %H:%M:%S UTC")
     return f"pid {os.getpid()} on {socket.gethostname()}, since {since}"
@@ -557,13 +585,7 @@ class _Lease:
         return json.dumps({"holder": self.holder, "token": self.token, "expires": time.time() + self.ttl_s}).encode()
 
     def _s3(self) -> Any:
-        import boto3
-
-        options = self.path.options
-        return boto3.client("s3", endpoint_url=options.get("endpoint_url") or None,
-                            aws_access_key_id=options.get("key"), aws_secret_access_key=options.get("secret"),
-                            aws_session_token=options.get("token"),
-                            region_name=options.get("region") or options.get("region_name"))
+        return s3_client(self.path.options)
 
     def _create(self) -> bool:
         """Write the lease only if there is none; False when there is one."""
