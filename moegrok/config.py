@@ -38,7 +38,14 @@ def config_yaml(cfg: object) -> str:
     """The resolved config as YAML (config.yaml, and the tags of every derived table)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    node = OmegaConf.structured(cfg)
+    options = OmegaConf.select(node, "storage.options")
+    for key in SECRET_OPTIONS & set(options or {}):  # credentials never go into the run dir
+        options[key] = "<redacted>"
+    return OmegaConf.to_yaml(node)
+
+
+SECRET_OPTIONS = {"key", "secret", "token", "password", "session_token", "secret_key", "access_key"}
 
 
 def _choice(enum: type[StrEnum], value: object, key: str) -> StrEnum:
@@ -517,13 +524,26 @@ class ClusterConfig:
     address: str | None = None  # None: a local Ray of our own (in a Ray job: the job's cluster); "auto": join
     num_cpus: int | None = None  # local Ray only
     num_gpus: int | None = None  # local Ray only
-    sync_uri: str | None = None  # fsspec URL the run dir is copied to at the end of the sweep
+    sync_uri: str | None = None  # fsspec URL a local run dir is copied to at the end of the sweep
     connect_timeout_s: float = 30.0  # joining a cluster that does not answer by then is an error
 
     def __post_init__(self) -> None:
         _check(self.num_cpus is None or self.num_cpus >= 1, "cluster.num_cpus", self.num_cpus, ">= 1, or null")
         _check(self.num_gpus is None or self.num_gpus >= 0, "cluster.num_gpus", self.num_gpus, ">= 0, or null")
         _check(self.connect_timeout_s > 0, "cluster.connect_timeout_s", self.connect_timeout_s, "> 0")
+
+
+@dataclass
+class StorageConfig:
+    """How an object-store run_dir (s3://, gs://, any fsspec URL) and URL inputs are reached."""
+
+    # fsspec-style options: endpoint_url, key, secret, token, region; unset: the AWS_* variables
+    # (or the node's instance role); gs:// passes them to gcsfs
+    options: dict[str, Any] = field(default_factory=dict)
+    lease_ttl_s: float = 120.0  # a crashed sweep's lease on the run dir expires after this long
+
+    def __post_init__(self) -> None:
+        _check(self.lease_ttl_s >= 3, "storage.lease_ttl_s", self.lease_ttl_s, ">= 3 (it is renewed every ttl/3)")
 
 
 @dataclass
@@ -555,9 +575,13 @@ class SweepConfig:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         self.stage = _choice(Stage, self.stage, "stage")
+        url_run = isinstance(self.run_dir, str) and "://" in self.run_dir and not self.run_dir.startswith("file://")
+        _check(not (url_run and self.cluster.sync_uri), "cluster.sync_uri", self.cluster.sync_uri,
+               f"null when run_dir={self.run_dir!r} is already on object storage (sync_uri copies a local run)")
         _check(self.analysis.sample_set in self.metrics.sample_sets, "analysis.sample_set", self.analysis.sample_set,
                f"one of metrics.sample_sets={[str(s) for s in self.metrics.sample_sets]}")
         _check(not self.watch.enabled or bool(self.watch.sentinel or self.watch.timeout_s), "watch",

@@ -4,36 +4,320 @@ Every file a stage produces is written through `atomic_path` (temp file or dir b
 target, then one rename), so a reader never sees half a table and a killed sweep leaves no
 partial output. A unit of work is done when its output exists and its `.done` marker holds
 the fingerprint of everything that determined it.
+
+A run directory may also be an object-store URL (s3://bucket/prefix, gs://..., any fsspec
+protocol): its paths are then `ObjectPath`s. There is no rename there: a file is one PUT (atomic
+for one object), a directory is uploaded file by file, and an output is trusted only once its
+marker exists, which is written after it. The run-dir lock becomes a lease object (`lease`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import fnmatch
 import hashlib
+import io
 import json
 import os
 import shutil
 import socket
 import tempfile
+import threading
+import time
 import traceback
+import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from moegrok.errors import UserError
+from moegrok.errors import ConfigError, UserError
+
+# --------------------------------------------------------------------------- object storage
+
+_OPTIONS: dict[str, Any] = {}  # storage.options of this process (`configure_storage`)
+_FILESYSTEMS: dict[tuple[str, str], pafs.FileSystem] = {}
+_S3_KEYS = {"endpoint_url": "endpoint_override", "key": "access_key", "secret": "secret_key",
+            "token": "session_token", "region": "region", "region_name": "region"}
+
+
+def configure_storage(options: dict[str, Any] | None) -> None:
+    """Set the fsspec-style storage options (storage.options: endpoint_url, key, secret, region,
+    ...) URLs are opened with in this process; unset ones come from the usual AWS_* variables."""
+    _OPTIONS.clear()
+    _OPTIONS.update(options or {})
+
+
+def is_url(path: object) -> bool:
+    return isinstance(path, ObjectPath) or ("://" in str(path) and not str(path).startswith("file://"))
+
+
+def filesystem(scheme: str, options: dict[str, Any] | None = None) -> pafs.FileSystem:
+    """The pyarrow filesystem of a URL scheme: S3 and GCS natively, anything else through fsspec."""
+    options = dict(_OPTIONS if options is None else options)
+    key = (scheme, json.dumps(options, sort_keys=True, default=str))
+    if key not in _FILESYSTEMS:
+        if scheme in ("s3", "s3a"):
+            unknown = sorted(set(options) - set(_S3_KEYS))
+            if unknown:
+                raise ConfigError(f"config key storage.options: {unknown} are not S3 options (known: "
+                                  f"{sorted(_S3_KEYS)})")
+            kwargs = {_S3_KEYS[name]: value for name, value in options.items()}
+            if "endpoint_override" not in kwargs and os.environ.get("AWS_ENDPOINT_URL"):
+                kwargs["endpoint_override"] = os.environ["AWS_ENDPOINT_URL"]
+            if "region" not in kwargs and os.environ.get("AWS_DEFAULT_REGION"):
+                kwargs["region"] = os.environ["AWS_DEFAULT_REGION"]
+            # delayed open: a small object is one PUT (not a 3-request multipart upload)
+            _FILESYSTEMS[key] = pafs.S3FileSystem(allow_delayed_open=True, **kwargs)
+        else:
+            import fsspec  # gs:// through gcsfs (the `gcs` extra), and every other fsspec protocol
+
+            _FILESYSTEMS[key] = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme, **options)))
+    return _FILESYSTEMS[key]
+
+
+ROOTED_SCHEMES = ("memory", "file", "local")
+
+
+class _Stat:
+    def __init__(self, size: int, mtime_ns: int) -> None:
+        self.st_size, self.st_mtime_ns = size, mtime_ns
+
+
+class ObjectPath:
+    """The subset of pathlib.Path the pipeline uses, on an object store: `scheme://bucket/key`."""
+
+    def __init__(self, url: str, options: dict[str, Any] | None = None) -> None:
+        self.scheme, _, rest = str(url).partition("://")
+        # the key as the store's filesystem names it: bucket/key; fsspec's memory and local
+        # filesystems root theirs at "/"
+        self.key = ("/" if self.scheme in ROOTED_SCHEMES else "") + rest.strip("/")
+        self.options = dict(_OPTIONS if options is None else options)
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return filesystem(self.scheme, self.options)
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.key.lstrip('/')}"
+
+    def __repr__(self) -> str:
+        return f"ObjectPath({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectPath) and str(self) == str(other)
+
+    def __lt__(self, other: ObjectPath) -> bool:
+        return str(self) < str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __truediv__(self, name: str) -> ObjectPath:
+        return ObjectPath(f"{self}/{name}", self.options)
+
+    @property
+    def name(self) -> str:
+        return self.key.rpartition("/")[2]
+
+    @property
+    def stem(self) -> str:
+        return Path(self.name).stem
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.name).suffix
+
+    @property
+    def parent(self) -> ObjectPath:
+        return ObjectPath(f"{self.scheme}://{self.key.rpartition('/')[0]}", self.options)
+
+    def resolve(self) -> ObjectPath:
+        return self
+
+    def _info(self) -> pafs.FileInfo:
+        return self.fs.get_file_info(self.key)
+
+    def exists(self) -> bool:
+        return self._info().type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self._info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        return self._info().type == pafs.FileType.Directory
+
+    def stat(self) -> _Stat:
+        info = self._info()
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(str(self))
+        return _Stat(info.size or 0, info.mtime_ns or 0)
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        """Nothing to do: an object store has no directories, only key prefixes."""
+
+    def read_bytes(self) -> bytes:
+        """The whole object: on S3 one GET (pyarrow's stream would HEAD it first)."""
+        if self.scheme in ("s3", "s3a"):
+            bucket, _, key = self.key.partition("/")
+            client = s3_client(self.options)
+            try:
+                return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except client.exceptions.NoSuchKey:
+                raise FileNotFoundError(str(self)) from None
+        try:
+            with self.fs.open_input_stream(self.key) as f:
+                return f.read()
+        except OSError as e:
+            if not self.exists():
+                raise FileNotFoundError(str(self)) from e
+            raise
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def write_bytes(self, data: bytes) -> None:
+        """One PUT: the object appears whole or not at all."""
+        with self.fs.open_output_stream(self.key) as f:
+            f.write(data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        try:
+            self.fs.delete_file(self.key)
+        except (FileNotFoundError, OSError):
+            if not missing_ok and not self.exists():
+                raise FileNotFoundError(str(self)) from None
+
+    def open(self, mode: str = "rb") -> io.IOBase:
+        """The object read whole (sample and benchmark files), as a file."""
+        if mode == "rb":
+            return io.BytesIO(self.read_bytes())
+        if mode == "r":
+            return io.StringIO(self.read_text())
+        raise ValueError(f"{self}: objects are opened for reading only (mode {mode!r})")
+
+    def listing(self, *, recursive: bool = False) -> list[pafs.FileInfo]:
+        """What is under this prefix, in one LIST (paged by the store)."""
+        return self.fs.get_file_info(pafs.FileSelector(self.key, allow_not_found=True, recursive=recursive))
+
+    def iterdir(self) -> Iterator[ObjectPath]:
+        for info in self.listing():
+            yield ObjectPath(f"{self.scheme}://{info.path}", self.options)
+
+    def glob(self, pattern: str) -> Iterator[ObjectPath]:
+        if "/" in pattern:
+            raise ValueError(f"{self}: only patterns of one level are supported on object storage ({pattern!r})")
+        return (path for path in self.iterdir() if fnmatch.fnmatch(path.name, pattern))
+
+    def rmtree(self) -> None:
+        if self.exists():
+            self.fs.delete_dir_contents(self.key, missing_dir_ok=True)
+
+    def download(self, destination: Path) -> Path:
+        """Copy this object, or every object under this prefix, to a local path."""
+        if self.is_file():
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(self.key, str(destination), source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        else:
+            destination.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(self.key, str(destination), source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        return destination
+
+
+AnyPath = Path | ObjectPath
+
+
+def as_path(path: str | Path | ObjectPath, options: dict[str, Any] | None = None) -> AnyPath:
+    """A local Path, or an ObjectPath for an object-store URL."""
+    if isinstance(path, Path | ObjectPath):
+        return path
+    if str(path).startswith("file://"):
+        return Path(str(path)[len("file://"):])
+    return ObjectPath(str(path), options) if is_url(path) else Path(path)
+
+
+def read_parquet(path: str | AnyPath, columns: list[str] | None = None, **kwargs: Any) -> pd.DataFrame:
+    """pd.read_parquet of a local path or of a URL (with this process's storage options)."""
+    path = as_path(path)
+    if isinstance(path, ObjectPath):
+        return read_table(path, columns=columns).to_pandas(**kwargs)
+    return pd.read_parquet(path, columns=columns, **kwargs)
+
+
+def read_table(path: str | AnyPath | list[str | AnyPath], columns: list[str] | None = None,
+               **kwargs: Any) -> pa.Table:
+    """pq.read_table of a local path, a URL, or a list of either (one dataset)."""
+    paths = [as_path(p) for p in path] if isinstance(path, list) else [as_path(path)]
+    if not (paths and isinstance(paths[0], ObjectPath)):
+        return pq.read_table([str(p) for p in paths] if isinstance(path, list) else paths[0], columns=columns,
+                             **kwargs)
+    if not isinstance(path, list) and not paths[0].is_dir():  # one GET of the whole table
+        return pq.read_table(pa.BufferReader(paths[0].read_bytes()), columns=columns, **kwargs)
+    table = dataset(paths if isinstance(path, list) else paths[0]).to_table(filter=_filter(kwargs.pop("filters", None)))
+    return table if columns is None else table.select(columns)
+
+
+def _filter(filters: list[tuple] | None) -> Any:
+    return None if filters is None else pq.filters_to_expression(filters)
+
+
+def load_safetensors(path: str | AnyPath) -> dict:
+    """safetensors.numpy.load_file of a local path or a URL."""
+    from safetensors.numpy import load, load_file
+
+    path = as_path(path)
+    return load(path.read_bytes()) if isinstance(path, ObjectPath) else load_file(path)
+
+
+def dataset(path: str | AnyPath | list[AnyPath]) -> ds.Dataset:
+    """A Parquet dataset of a directory (or a list of files), local or on an object store."""
+    paths = path if isinstance(path, list) else [as_path(path)]
+    if paths and isinstance(paths[0], ObjectPath):
+        if isinstance(path, list):
+            source = [p.key for p in paths]
+        else:  # the Parquet files under the prefix, from one listing (hidden markers left out)
+            source = sorted(info.path for info in paths[0].listing(recursive=True) if info.path.endswith(".parquet")
+                            and not info.base_name.startswith((".", "_")))
+        # each file in one GET (a file dataset would HEAD it and read its footer apart): the Parquet
+        # files of a directory or a unit's inputs are what the unit reads whole anyway
+        tables = [pq.read_table(pa.BufferReader(ObjectPath(f"{paths[0].scheme}://{key}", paths[0].options)
+                                                .read_bytes())) for key in source]
+        return ds.dataset(pa.concat_tables(tables, promote_options="default") if tables else pa.table({}))
+    return ds.dataset(str(paths[0]) if not isinstance(path, list) else [str(p) for p in paths], format="parquet")
 
 # --------------------------------------------------------------------------- atomic writes
 
 
-@contextmanager
-def atomic_path(final: str | Path, *, directory: bool = False) -> Iterator[Path]:
+@contextlib.contextmanager
+def atomic_path(final: str | AnyPath, *, directory: bool = False) -> Iterator[Path]:
     """Yield a temp file (or dir) beside `final`; when the block succeeds it replaces `final` in
-    one rename, when it fails nothing of it is left."""
-    final = Path(final)
+    one rename, when it fails nothing of it is left. On an object store the temp is local and is
+    uploaded when the block succeeds (one PUT per file; a directory is trusted by its marker)."""
+    final = as_path(final)
+    if isinstance(final, ObjectPath):
+        with tempfile.TemporaryDirectory(prefix="moegrok-upload-") as local:
+            tmp = Path(local) / final.name
+            if directory:
+                tmp.mkdir()
+            yield tmp
+            if directory:
+                final.rmtree()
+                for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                    (final / str(file.relative_to(tmp))).write_bytes(file.read_bytes())
+            else:
+                final.write_bytes(tmp.read_bytes())
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -54,14 +338,17 @@ def atomic_path(final: str | Path, *, directory: bool = False) -> Iterator[Path]
             tmp.unlink(missing_ok=True)
 
 
-def write_bytes(data: bytes, path: str | Path) -> None:
+def write_bytes(data: bytes, path: str | AnyPath) -> None:
+    path = as_path(path)
+    if isinstance(path, ObjectPath):
+        path.write_bytes(data)  # one PUT
+        return
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
-def write_text(text: str, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+def write_text(text: str, path: str | AnyPath) -> None:
+    write_bytes(text.encode(), path)
 
 
 def _plain_type(dtype: pa.DataType) -> pa.DataType:
@@ -84,15 +371,25 @@ def write_parquet(table: pa.Table | pd.DataFrame, path: str | Path, *, tags: dic
         table = table.cast(pa.schema([field.with_type(_plain_type(field.type)) for field in table.schema]))
     if tags is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"moegrok": json.dumps(tags)})
+    path = as_path(path)
+    if isinstance(path, ObjectPath):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        path.write_bytes(sink.getvalue().to_pybytes())  # one PUT
+        return
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
 
-def read_tags(path: str | Path) -> dict:
+def read_tags(path: str | AnyPath) -> dict:
     """The "moegrok" tags of a table written by `write_parquet` ({} if none, or no table)."""
-    if not Path(path).exists():
+    path = as_path(path)
+    if not path.exists():
         return {}
-    metadata = pq.read_schema(path).metadata or {}
+    if isinstance(path, ObjectPath):
+        metadata = pq.read_schema(pa.BufferReader(path.read_bytes())).metadata or {}
+    else:
+        metadata = pq.read_schema(path).metadata or {}
     return json.loads(metadata.get(b"moegrok", b"{}"))
 
 
@@ -104,18 +401,54 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def done_marker(path: Path) -> Path:
+def done_marker(path: AnyPath) -> AnyPath:
     """`.<name>.done` beside the output: hidden, so a directory of Parquet outputs reads as one
     dataset (pyarrow and pandas skip names starting with ".")."""
-    path = Path(path)
+    path = as_path(path)
     return path.parent / f".{path.name}.done"
 
 
-def _marker(path: Path) -> dict | None:
+_LISTED: dict[AnyPath, dict | None] = {}  # markers read by `read_markers` for the current stage
+
+
+def read_markers(paths: list[AnyPath]) -> None:
+    """Read the markers of many outputs at once: on an object store one LIST per directory and a
+    GET per marker that exists (not a HEAD per output and marker); `_marker` then answers from
+    what was read until the next call."""
+    _LISTED.clear()
+    by_parent: dict[ObjectPath, list[ObjectPath]] = {}
+    for path in paths:
+        if isinstance(path, ObjectPath):
+            by_parent.setdefault(path.parent, []).append(path)
+    for parent, outputs in by_parent.items():
+        present = {info.path.rpartition("/")[2] for info in parent.listing()}
+        for output in outputs:
+            _LISTED[output] = None
+            if output.name in present and f".{output.name}.done" in present:
+                _LISTED[output] = _parse_marker(done_marker(output).read_text())
+
+
+def _parse_marker(text: str) -> dict:
+    try:
+        return json.loads(text)
+    except ValueError:  # a marker of an older layout: a bare fingerprint
+        return {"fingerprint": text, "inputs": {}}
+
+
+def _marker(path: AnyPath) -> dict | None:
     """The marker of a finished unit: {"fingerprint", "inputs": name -> short hash}; None if the
     output or its marker is missing."""
+    path = as_path(path)
+    if path in _LISTED:
+        return _LISTED[path]
     marker = done_marker(path)
-    if not (Path(path).exists() and marker.exists()):
+    if isinstance(path, ObjectPath):  # the marker first: it is written last
+        try:
+            text = marker.read_text()
+        except FileNotFoundError:
+            return None
+        return _parse_marker(text) if path.exists() else None
+    if not (path.exists() and marker.exists()):
         return None
     text = marker.read_text()
     try:
@@ -149,14 +482,16 @@ def changed_inputs(path: Path, inputs: dict[str, object]) -> list[str]:
     return sorted(name for name in before.keys() | now.keys() if before.get(name) != now.get(name)) or ["format"]
 
 
-def invalidate(path: Path) -> None:
+def invalidate(path: AnyPath) -> None:
     """Drop a unit's completion marker before recomputing it, so that a failed recompute never
     leaves an older result looking current."""
+    _LISTED.pop(as_path(path), None)
     done_marker(path).unlink(missing_ok=True)
 
 
-def mark_done(path: Path, inputs: dict[str, object]) -> None:
+def mark_done(path: AnyPath, inputs: dict[str, object]) -> None:
     """Mark `path` as computed from `inputs` (named, so a later run can say what changed)."""
+    _LISTED.pop(as_path(path), None)
     write_text(json.dumps({"fingerprint": fingerprint(inputs), "inputs": input_hashes(inputs)}), done_marker(path))
 
 
@@ -211,10 +546,119 @@ follows when the record config keeps token ids (vocabulary specialization needs 
 # --------------------------------------------------------------------------- run directory
 
 
-@contextmanager
-def run_lock(root: Path) -> Iterator[None]:
+LEASE_TTL_S = 120.0  # storage.lease_ttl_s
+
+
+_S3_CLIENTS: dict[str, Any] = {}
+
+
+def s3_client(options: dict[str, Any]) -> Any:
+    """A boto3 S3 client with fsspec-style options (unset ones from the AWS_* variables)."""
+    key = json.dumps(options, sort_keys=True, default=str)
+    if key not in _S3_CLIENTS:
+        import boto3
+
+        _S3_CLIENTS[key] = boto3.client(
+            "s3", endpoint_url=options.get("endpoint_url") or None, aws_access_key_id=options.get("key"),
+            aws_secret_access_key=options.get("secret"), aws_session_token=options.get("token"),
+            region_name=options.get("region") or options.get("region_name"))
+    return _S3_CLIENTS[key]
+
+
+def _holder() -> str:
+    since = pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"pid {os.getpid()} on {socket.gethostname()}, since {since}"
+
+
+class _Lease:
+    """A lease object on an object store: created only if absent (S3: a PUT with If-None-Match: *),
+    rewritten by its holder every ttl/3 with a new expiry, deleted at the end. A lease whose expiry
+    has passed (its holder died) is taken over."""
+
+    def __init__(self, path: ObjectPath, ttl_s: float) -> None:
+        self.path, self.ttl_s = path, ttl_s
+        self.token = uuid.uuid4().hex
+        self.holder = _holder()
+        self._stop = threading.Event()
+
+    def _body(self) -> bytes:
+        return json.dumps({"holder": self.holder, "token": self.token, "expires": time.time() + self.ttl_s}).encode()
+
+    def _s3(self) -> Any:
+        return s3_client(self.path.options)
+
+    def _create(self) -> bool:
+        """Write the lease only if there is none; False when there is one."""
+        if self.path.scheme in ("s3", "s3a"):
+            from botocore.exceptions import ClientError
+
+            bucket, _, key = self.path.key.partition("/")
+            try:
+                self._s3().put_object(Bucket=bucket, Key=key, Body=self._body(), IfNoneMatch="*")
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+            return True
+        # other stores: write if absent, then read back that the lease is ours (a narrow race)
+        if self.path.exists():
+            return False
+        self.path.write_bytes(self._body())
+        return json.loads(self.path.read_text()).get("token") == self.token
+
+    def acquire(self) -> None:
+        for _ in range(2):
+            if self._create():
+                threading.Thread(target=self._renew, daemon=True, name="moegrok-lease").start()
+                return
+            try:
+                held = json.loads(self.path.read_text())
+            except (FileNotFoundError, ValueError):
+                continue  # released (or half-read) meanwhile: try again
+            left = float(held.get("expires", 0)) - time.time()
+            if left > 0:
+                raise UserError(f"run dir {self.path.parent} is in use by another sweep ({held.get('holder')}); "
+                                f"its lease expires in {left:.0f} s unless renewed (storage.lease_ttl_s): wait "
+                                "for it to finish or choose another run_dir")
+            self.path.unlink(missing_ok=True)  # expired: its holder died
+        raise UserError(f"run dir {self.path.parent}: another sweep took the lease {self.path.name} meanwhile; "
+                        "choose another run_dir or wait")
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            with contextlib.suppress(OSError):  # a blip: the next renewal tries again before it expires
+                self.path.write_bytes(self._body())
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            if json.loads(self.path.read_text()).get("token") == self.token:
+                self.path.unlink(missing_ok=True)
+        except (FileNotFoundError, ValueError):
+            pass
+
+
+@contextlib.contextmanager
+def lease(path: ObjectPath, ttl_s: float = LEASE_TTL_S) -> Iterator[None]:
+    """Hold a lease object for the block (see `_Lease`)."""
+    held = _Lease(path, ttl_s)
+    held.acquire()
+    try:
+        yield
+    finally:
+        held.release()
+
+
+@contextlib.contextmanager
+def run_lock(root: AnyPath, *, lease_ttl_s: float = LEASE_TTL_S) -> Iterator[None]:
     """Hold a run directory for one sweep: a second sweep started on it stops at once, naming the
-    first (the lock goes with the process, also when it is killed)."""
+    first (the lock goes with the process, also when it is killed). On an object store the lock
+    is the lease object `.lease`, which expires `lease_ttl_s` after its holder stops renewing it."""
+    root = as_path(root)
+    if isinstance(root, ObjectPath):
+        with lease(root / ".lease", lease_ttl_s):
+            yield
+        return
     with open(Path(root) / ".lock", "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -225,8 +669,7 @@ def run_lock(root: Path) -> Iterator[None]:
                             "choose another run_dir") from None
         lock.seek(0)
         lock.truncate()
-        since = pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%d %H:%M:%S UTC")
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {since}")
+        lock.write(_holder())
         lock.flush()
         try:
             yield
@@ -238,8 +681,8 @@ def run_lock(root: Path) -> Iterator[None]:
 class RunDir:
     """Paths of one sweep's run directory (layout in the README, "Run directory")."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | AnyPath, options: dict[str, Any] | None = None) -> None:
+        self.root = as_path(root, options)
         self.config = self.root / "config.yaml"
         self.catalog = self.root / "catalog.parquet"
         self.samples = self.root / "samples.parquet"
@@ -258,24 +701,28 @@ class RunDir:
         self.report = self.root / "report.html"
         self.figures = self.root / "figures"
 
-    def routing_shard(self, checkpoint: str, shard: int) -> Path:
+    @property
+    def is_url(self) -> bool:
+        return isinstance(self.root, ObjectPath)
+
+    def routing_shard(self, checkpoint: str, shard: int) -> AnyPath:
         return self.root / "routing" / checkpoint / f"shard{shard:05d}.parquet"
 
-    def checkpoint_weights(self, checkpoint: str) -> Path:
+    def checkpoint_weights(self, checkpoint: str) -> AnyPath:
         """Router weight rows and residue embeddings of a checkpoint, written by the record stage."""
         return self.root / "routing" / checkpoint / "weights.safetensors"
 
-    def tuned(self, checkpoint: str) -> Path:
+    def tuned(self, checkpoint: str) -> AnyPath:
         """The LoRA-merged model dir of a checkpoint (tune stage); its checkpoint name in the sweep
         is `<checkpoint>+tuned`."""
         return self.root / "tuned" / f"{checkpoint}{TUNED_SUFFIX}"
 
-    def eval_items(self, checkpoint: str, benchmark: str) -> Path:
+    def eval_items(self, checkpoint: str, benchmark: str) -> AnyPath:
         return self.root / "eval" / checkpoint / f"{benchmark}.parquet"
 
     def write_failures(self, stages: set[str], failures: list[dict]) -> pd.DataFrame:
         """Replace the rows of `stages` in failures.parquet with `failures` (their latest attempt)."""
-        table = pd.read_parquet(self.failures) if self.failures.exists() else pd.DataFrame(columns=FAILURE_COLUMNS)
+        table = read_parquet(self.failures) if self.failures.exists() else pd.DataFrame(columns=FAILURE_COLUMNS)
         table = table[~table["stage"].isin(stages)]
         table = pd.concat([table, pd.DataFrame(failures, columns=FAILURE_COLUMNS)], ignore_index=True)
         write_parquet(table.astype({"time": "datetime64[ns, UTC]"}), self.failures)

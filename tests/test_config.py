@@ -97,6 +97,20 @@ def test_bad_values_fail_at_start_up_naming_the_key():
         to_object("study", ["weight_shares=[0.5,1.5]"])
     with pytest.raises(ValueError, match=r"analysis.sample_set='memorized': expected one of metrics.sample_sets"):
         to_object("sweep", ["metrics.sample_sets=[all]", "analysis.sample_set=memorized"])
+    with pytest.raises(ValueError, match=r"cluster.sync_uri='s3://b/copy': expected null when run_dir='s3://b/run'"):
+        to_object("sweep", ["run_dir=s3://b/run", "cluster.sync_uri=s3://b/copy"])
+    with pytest.raises(ValueError, match=r"storage.lease_ttl_s=1.0: expected >= 3"):
+        to_object("sweep", ["storage.lease_ttl_s=1"])
+
+
+def test_storage_credentials_never_reach_the_run_dir_config():
+    from moegrok.config import config_yaml
+
+    cfg = to_object("sweep", ["run_dir=s3://b/run", "+storage.options.endpoint_url=http://minio:9000",
+                              "+storage.options.key=AKIA", "+storage.options.secret=shh"])
+    assert cfg.storage.options["secret"] == "shh"  # the sweep uses them
+    text = config_yaml(cfg)
+    assert "http://minio:9000" in text and "AKIA" not in text and "shh" not in text
 
 
 def test_tuned_experiments_turn_the_tune_stage_on():

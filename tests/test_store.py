@@ -1,15 +1,20 @@
+import json
 import os
+import time
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from moegrok.errors import UserError
+from moegrok.errors import ConfigError, UserError
 from moegrok.store import (
     RunDir,
+    as_path,
     atomic_path,
     changed_inputs,
+    dataset,
     done_fingerprint,
     done_marker,
     error_fields,
@@ -18,6 +23,8 @@ from moegrok.store import (
     invalidate,
     is_done,
     mark_done,
+    read_markers,
+    read_parquet,
     read_tags,
     run_lock,
     write_parquet,
@@ -110,3 +117,87 @@ def test_failures_replace_a_stage_latest_attempt(tmp_path):
                                                          ["record", "step1/shard00000"]]
     assert table["message"].str.len().max() == 500 and str(table["time"].dtype) == "datetime64[ns, UTC]"
     assert (table["kind"] == "unit").all() and "raise ValueError" in table.loc[1, "stack"]
+
+
+# --------------------------------------------------------------------------- object storage (S3 on loopback)
+
+
+@pytest.fixture
+def bucket_run(s3_endpoint, request) -> RunDir:
+    """A fresh run dir in the loopback S3 bucket."""
+    return RunDir(f"s3://moegrok/store/{request.node.name}")
+
+
+def test_tables_markers_and_failures_on_s3(bucket_run):
+    run = bucket_run
+    output = run.routing_shard("step0", 0)
+    assert str(output) == f"{run.root}/routing/step0/shard00000.parquet"
+    write_parquet(pd.DataFrame({"a": [1, 2]}), output, tags={"step": 0})
+    assert read_parquet(output)["a"].tolist() == [1, 2] and read_tags(output) == {"step": 0}
+    assert not is_done(output, fingerprint({"x": 1}))  # the output alone is not trusted
+    mark_done(output, {"x": 1})
+    assert is_done(output, fingerprint({"x": 1})) and changed_inputs(output, {"x": 2}) == ["x"]
+    other = run.routing_shard("step0", 1)
+    write_parquet(pd.DataFrame({"a": [3]}), other)  # written, never marked: a unit killed before its marker
+    read_markers([output, other, run.routing_shard("step3", 0)])  # one LIST per directory
+    assert done_fingerprint(output) == fingerprint({"x": 1}) and done_fingerprint(other) is None
+    assert done_fingerprint(run.routing_shard("step3", 0)) is None
+    invalidate(output)
+    assert done_fingerprint(output) is None and not done_marker(output).exists()
+    assert sorted(p.name for p in (run.root / "routing" / "step0").glob("*.parquet")) == [
+        "shard00000.parquet", "shard00001.parquet"]  # markers are hidden, not parquet
+    assert dataset(run.root / "routing" / "step0").to_table().num_rows == 3
+    run.write_failures({"record"}, [failure_row("record", "step0/shard00000", "OSError", "gone")])
+    assert read_parquet(run.failures)["unit"].tolist() == ["step0/shard00000"]
+
+
+def test_an_atomic_dir_is_uploaded_whole(bucket_run):
+    target = bucket_run.tuned("step6")
+    with atomic_path(target, directory=True) as tmp:
+        (tmp / "config.json").write_text("{}")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w.bin").write_bytes(b"w")
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "sub"]
+    with pytest.raises(RuntimeError), atomic_path(target / "x.txt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert not (target / "x.txt").exists()  # a failed block uploads nothing
+
+
+def test_the_lease_refuses_a_second_sweep_and_expires_with_its_holder(bucket_run):
+    root = bucket_run.root
+    refused = pytest.raises(UserError, match=rf"run dir {root} is in use by another sweep \(pid {os.getpid()}"
+                                             r".*lease expires in \d+ s")
+    with run_lock(root, lease_ttl_s=30), refused, run_lock(root, lease_ttl_s=30):
+        pass
+    assert not (root / ".lease").exists()  # released with the first sweep
+    with run_lock(root):
+        pass
+    # a holder killed without releasing: its lease stands until the ttl passes, then it is taken over
+    (root / ".lease").write_text(json.dumps({"holder": "pid 1 on gone", "token": "t", "expires": time.time() + 1}))
+    with pytest.raises(UserError, match="pid 1 on gone"), run_lock(root):
+        pass
+    time.sleep(1.2)
+    with run_lock(root):
+        assert json.loads((root / ".lease").read_text())["holder"].startswith(f"pid {os.getpid()}")
+
+
+def test_the_lease_is_renewed_while_held(bucket_run):
+    lease_path = bucket_run.root / ".lease"
+    with run_lock(bucket_run.root, lease_ttl_s=0.6):
+        first = json.loads(lease_path.read_text())["expires"]
+        time.sleep(0.9)  # past its first ttl: the holder renewed it
+        assert json.loads(lease_path.read_text())["expires"] > first
+        with pytest.raises(UserError, match="in use by another sweep"), run_lock(bucket_run.root):
+            pass
+
+
+def test_storage_options_name_the_endpoint_and_credentials(s3_endpoint, monkeypatch):
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    path = as_path("s3://moegrok/options/t.txt", options)
+    path.write_text("via options")
+    assert path.read_text() == "via options" and as_path("file:///tmp/x") == Path("/tmp/x")
+    with pytest.raises(ConfigError, match=r"storage.options: \['endpoint'\] are not S3 options"):
+        as_path("s3://moegrok/options/t.txt", {"endpoint": s3_endpoint}).exists()

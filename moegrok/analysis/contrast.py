@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from safetensors.numpy import load_file
 
 from moegrok.metrics.declarations import direction
 from moegrok.metrics.embedding import consecutive_diffs
@@ -47,7 +46,16 @@ from moegrok.metrics.series import (
     read_checkpoint,
     sample_metric_specs,
 )
-from moegrok.store import RunDir, done_fingerprint, fingerprint, is_done, mark_done, write_parquet
+from moegrok.store import (
+    RunDir,
+    done_fingerprint,
+    fingerprint,
+    is_done,
+    load_safetensors,
+    mark_done,
+    read_parquet,
+    write_parquet,
+)
 
 CONTROL_MEAN = "others"  # the reference name when the other groups' mean is the reference
 # contrast.parquet: "control" (each group against `analysis.control`, the control against the others' mean),
@@ -188,7 +196,7 @@ def med_diffs(run: RunDir, checkpoints: pd.DataFrame) -> np.ndarray | None:
     rows = []
     for name in checkpoints["checkpoint"]:
         path = run.checkpoint_weights(name)
-        weights = load_file(path) if path.exists() else {}
+        weights = load_safetensors(path) if path.exists() else {}
         if "residue_embeddings" not in weights:
             return None
         rows.append(consecutive_diffs(weights["residue_embeddings"]))
@@ -215,7 +223,7 @@ def _cached_statistics(run: RunDir, path: Path, inputs: dict, ids, specs, weight
     part = run.root / "parts" / "contrast" / f"{path.name}.parquet"
     inputs = {**inputs, "features": sorted(done_fingerprint(file) or file.name for file in path.glob("*.parquet"))}
     if is_done(part, fingerprint(inputs)):
-        table = pd.read_parquet(part)
+        table = read_parquet(part)
         return int(table["step"].iloc[0]), str(table["checkpoint"].iloc[0]), table
     step, name, table = _checkpoint_statistics(path, ids, specs, weights)
     write_parquet(table.assign(step=step, checkpoint=name), part)
@@ -229,7 +237,7 @@ def run_contrasts(run: RunDir, memorization: dict[str, float], *, control: str |
     Each checkpoint's statistics under every draw are computed once from sample_metrics/ and kept
     (parts/contrast/), so memory does not grow with the per-sample rows of all checkpoints and a
     new checkpoint costs its own statistics; the rows then follow from them."""
-    samples = pd.read_parquet(run.samples, columns=["sample_id", "group", "shard"])
+    samples = read_parquet(run.samples, columns=["sample_id", "group", "shard"])
     ids, columns = present_samples(run.sample_metrics, samples)
     ids = {group: members for group, members in ids.items() if len(members) >= 2}
     if control is not None and control not in ids:

@@ -9,6 +9,7 @@ M/B/T), or an explicit `steps` mapping in the config.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import re
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 
 from moegrok.config import CheckpointsConfig, ModelConfig
 from moegrok.errors import CheckpointError
+from moegrok.store import ObjectPath, as_path
 
 NAME_FORMS = (  # the checkpoint names read by default, tried in order
     re.compile(r"^(?:stage\d+-)?step(?P<step>\d+)(?:-tokens(?P<tokens>\d+(?:\.\d+)?[MBT]))?$"),  # OLMo, OLMoE
@@ -111,13 +114,20 @@ def _is_checkpoint_name(name: str, cfg: CheckpointsConfig) -> bool:
 def _dir_refs(cfg: CheckpointsConfig) -> list[CheckpointRef]:
     """The checkpoints in `checkpoints.dir`: its subdirectories that match `checkpoints.pattern` and
     whose names are checkpoint names; the others are named in one line and left out."""
-    root = Path(cfg.dir)
-    if not root.is_dir():
+    root = as_path(cfg.dir)
+    if isinstance(root, ObjectPath):  # a bucket prefix of checkpoint folders: one listing
+        listed = {root / info.base_name: info.type == pafs.FileType.Directory for info in root.listing()}
+        if not listed:
+            raise CheckpointError(f"checkpoints.dir={cfg.dir!r}: nothing at that URL")
+        matched = sorted(p for p, is_dir in listed.items() if is_dir and fnmatch.fnmatch(p.name, cfg.pattern))
+    elif not root.is_dir():
         raise CheckpointError(f"checkpoints.dir={cfg.dir!r} is not a directory")
-    matched = sorted(p for p in root.glob(cfg.pattern) if p.is_dir())
+    else:
+        matched = sorted(p for p in root.glob(cfg.pattern) if p.is_dir())
     named = [p for p in matched if _is_checkpoint_name(p.name, cfg)]
     if not named:
-        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+        listed = listed if isinstance(root, ObjectPath) else {p: p.is_dir() for p in root.iterdir()}
+        entries = sorted(p.name + ("/" if is_dir else "") for p, is_dir in listed.items())
         shown = ", ".join(entries[:8]) + (f", ... ({len(entries)} entries)" if len(entries) > 8 else "")
         raise CheckpointError(
             f"checkpoints.dir={cfg.dir!r}: no subdirectory matches checkpoints.pattern={cfg.pattern!r} with a "
@@ -187,12 +197,8 @@ def content_key(ref: CheckpointRef) -> str:
         files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir())
                  if f.is_file() and not f.name.startswith(".")]
     else:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(ref.uri)
-        files = sorted((info["name"], info.get("size"), str(info.get("mtime") or info.get("LastModified")
-                                                           or info.get("ETag") or info.get("etag")))
-                       for info in fs.ls(root, detail=True) if info.get("type") == "file")
+        files = sorted((info.base_name, info.size, info.mtime_ns) for info in as_path(ref.uri).listing()
+                       if info.type == pafs.FileType.File)
     return hashlib.sha256(repr(files).encode()).hexdigest()[:32]
 
 
@@ -253,10 +259,7 @@ def incomplete(ref: CheckpointRef) -> str | None:
         except CheckpointError as e:
             return str(e)
         return None
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(ref.uri)
-    names = {Path(info["name"]).name for info in fs.ls(root, detail=True)}
+    names = {info.base_name for info in as_path(ref.uri).listing()}
     if "config.json" not in names or not any(name.endswith(".safetensors") for name in names):
         return f"checkpoint {ref.name!r}: {ref.uri} has no config.json and *.safetensors yet"
     return None
@@ -273,13 +276,11 @@ def local_path(ref: CheckpointRef, *, cache_dir: str) -> Path:
         patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
         return Path(snapshot_download(ref.uri, revision=ref.revision, allow_patterns=patterns,
                                       cache_dir=str(Path(cache_dir) / "hub")))
-    import fsspec
-
+    # a URL (s3://, gs://, any fsspec protocol): copied once per cache dir (each node's own)
     target = Path(cache_dir) / hashlib.sha1(ref.uri.encode()).hexdigest()[:16] / ref.name
     marker = target.parent / ".complete"
     if not marker.exists():
-        fs, path = fsspec.core.url_to_fs(ref.uri)
-        fs.get(path.rstrip("/") + "/", str(target) + "/", recursive=True)
+        as_path(ref.uri).download(target)
         marker.touch()
     return target
 

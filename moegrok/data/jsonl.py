@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from moegrok.store import as_path
+
 
 @dataclass(frozen=True)
 class InvalidJSON:
@@ -21,7 +23,7 @@ class InvalidJSON:
 def jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
     """(where, record) for every non-blank line; `where` is "path:line". Lines are decoded one by
     one, so a line that is not UTF-8 spoils only itself."""
-    with Path(path).open("rb") as f:
+    with as_path(path).open("rb") as f:
         for line_number, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")

@@ -17,6 +17,7 @@ import pandas as pd
 from moegrok.config import SamplesConfig
 from moegrok.data.jsonl import InvalidJSON, jsonl_records
 from moegrok.errors import SampleError
+from moegrok.store import as_path, read_parquet
 
 
 def _check_record(record: object, where: str) -> dict:
@@ -57,11 +58,11 @@ def read_samples(path: str | Path, *, errors: list[str] | None = None) -> pd.Dat
             errors.append(str(e))
             return None
 
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise SampleError(f"{path}: no such sample file")
     if path.suffix == ".parquet":
-        frame = pd.read_parquet(path)
+        frame = read_parquet(path)
         records = [
             checked({k: v for k, v in r.items() if v is not None and v == v}, f"{path}:row {i}")
             for i, r in enumerate(frame.to_dict("records"))

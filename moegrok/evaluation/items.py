@@ -19,6 +19,7 @@ import yaml
 
 from moegrok.data.jsonl import InvalidJSON, jsonl_records
 from moegrok.errors import BenchmarkError
+from moegrok.store import ObjectPath, as_path
 
 if TYPE_CHECKING:
     from moegrok.evaluation.lm_eval_tasks import LmEvalItem
@@ -79,9 +80,12 @@ def load_benchmark(path: str | Path, *, group_field: str | None = None, id_field
                    errors: list[str] | None = None) -> list[Item] | list[LmEvalItem]:
     """Items of a jsonl file or an lm-eval task YAML (`group_field`, `id_field`: lm-eval only,
     the document fields that name an item's group and id; `errors`: see `load_jsonl`)."""
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise BenchmarkError(f"{path}: no such benchmark file")
+    if path.suffix in (".yaml", ".yml") and isinstance(path, ObjectPath):
+        raise BenchmarkError(f"{path}: an lm-eval task YAML is read from a local path (its data files are local); "
+                             "a jsonl benchmark may be a URL")
     if path.suffix in (".yaml", ".yml"):
         from moegrok.evaluation.lm_eval_tasks import load_lm_eval_task
 
@@ -119,7 +123,7 @@ def _named_files(value: object) -> list[str]:
 def content_digest(path: str | Path) -> str:
     """A hash of what a benchmark's items come from: the file and, for an lm-eval task YAML, the
     local data files its `dataset_kwargs.data_files` names (so an edited data file re-scores)."""
-    path = Path(path)
+    path = as_path(path)
     digest = hashlib.sha256(path.read_bytes())
     if path.suffix in (".yaml", ".yml"):
         task = yaml.load(path.read_text(), Loader=_TolerantLoader) or {}

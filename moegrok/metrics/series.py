@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as ds
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
+
+from moegrok.store import AnyPath, ObjectPath, as_path
+from moegrok.store import dataset as parquet_dataset
 
 # metric -> (kind, per-sample column, pair distance)
 BASE_METRICS = {
@@ -52,13 +54,19 @@ def sample_metric_specs(suffixes: list[str]) -> dict[str, tuple[str, str, object
     return specs
 
 
-def checkpoint_dirs(directory: str | Path) -> list[Path]:
+def checkpoint_dirs(directory: str | AnyPath) -> list[AnyPath]:
     """The reduce stage's per-checkpoint directories of sample_metrics/ (one Parquet file per shard)."""
-    return sorted(path for path in Path(directory).iterdir() if path.is_dir() and any(path.glob("*.parquet")))
+    directory = as_path(directory)
+    if isinstance(directory, ObjectPath):  # one listing, not one per checkpoint
+        relative = [info.path[len(directory.key) + 1:] for info in directory.listing(recursive=True)]
+        return sorted(directory / name.split("/")[0] for name in {
+            name.rpartition("/")[0] for name in relative if name.count("/") == 1 and name.endswith(".parquet")
+            and not name.rpartition("/")[2].startswith(".")})
+    return sorted(path for path in directory.iterdir() if path.is_dir() and any(path.glob("*.parquet")))
 
 
-def read_checkpoint(path: Path, columns: list[str]) -> pd.DataFrame:
-    dataset = ds.dataset(str(path), format="parquet")
+def read_checkpoint(path: AnyPath, columns: list[str]) -> pd.DataFrame:
+    dataset = parquet_dataset(path)
     return dataset.to_table(columns=[c for c in columns if c in dataset.schema.names]).to_pandas()
 
 
@@ -76,7 +84,7 @@ def present_samples(directory: str | Path, samples: pd.DataFrame) -> tuple[dict[
     for path in paths:
         shards &= {int(p.stem.removeprefix("shard")) for p in path.glob("shard*.parquet")}
     everywhere = samples[samples["shard"].isin(shards)]
-    columns = ds.dataset(str(paths[0]), format="parquet").schema.names if paths else []
+    columns = parquet_dataset(paths[0]).schema.names if paths else []
     return ({str(group): np.array(sorted(part["sample_id"])) for group, part in everywhere.groupby("group", sort=True)},
             columns)
 

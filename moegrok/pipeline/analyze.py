@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import pandas as pd
-
 from moegrok.analysis.contrast import run_contrasts
 from moegrok.analysis.correlations import analyze
 from moegrok.config import SweepConfig, config_yaml
 from moegrok.metrics.memorization import causal_memorization
 from moegrok.pipeline.executor import StageResult
-from moegrok.store import RunDir, fingerprint, read_tags, write_parquet
+from moegrok.store import RunDir, fingerprint, read_parquet, read_tags, write_parquet
 
 
 def analyze_stage(cfg: SweepConfig, run: RunDir) -> StageResult:
@@ -31,7 +29,7 @@ def analyze_stage(cfg: SweepConfig, run: RunDir) -> StageResult:
     outputs = [run.contrast, *((run.correlations, run.onsets) if run.accuracy.exists() else ())]
     if all(read_tags(path).get("inputs") == fingerprint(inputs) for path in outputs):
         return StageResult("analyze", units=1, skipped=1)
-    metrics, memorized = pd.read_parquet(run.metrics), pd.read_parquet(run.memorized)
+    metrics, memorized = read_parquet(run.metrics), read_parquet(run.memorized)
     tags["inputs"] = fingerprint(inputs)
     starts = causal_memorization(metrics, memorized_accuracy=cfg.analysis.memorized_accuracy)
     contrast = run_contrasts(run, {group: step for group, (step, _) in starts.items()},
@@ -41,7 +39,7 @@ def analyze_stage(cfg: SweepConfig, run: RunDir) -> StageResult:
     write_parquet(contrast, run.contrast, tags=tags)
     if run.accuracy.exists():
         correlations, onsets = analyze(
-            metrics, pd.read_parquet(run.accuracy), memorized, sample_set=cfg.analysis.sample_set,
+            metrics, read_parquet(run.accuracy), memorized, sample_set=cfg.analysis.sample_set,
             group_map=dict(cfg.analysis.group_map), min_rise=cfg.analysis.min_rise,
             memorized_accuracy=cfg.analysis.memorized_accuracy, min_n=cfg.analysis.min_n,
         )

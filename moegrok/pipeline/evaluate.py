@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import ray
 
 from moegrok.config import Engine, Sandbox, SweepConfig, config_yaml
@@ -25,6 +24,8 @@ from moegrok.store import (
     error_fields,
     failure_row,
     fingerprint,
+    read_markers,
+    read_table,
     write_parquet,
 )
 
@@ -127,12 +128,13 @@ def write_accuracy(run: RunDir, refs: list[CheckpointRef], names: list[str], *, 
     every stored item that has no score, named checkpoint/benchmark/item id. `config` (YAML) is the
     config the scores come from, kept in the table's tags."""
     frames, failures, prints = [], [], []
+    read_markers([run.eval_items(ref.name, name) for ref in refs for name in names])  # a LIST per checkpoint
     for ref in refs:
         for name in names:
             path = run.eval_items(ref.name, name)
             if (print_ := done_fingerprint(path)) is not None:
                 prints.append(print_)
-                scored = pq.read_table(path).to_pandas()
+                scored = read_table(path).to_pandas()
                 failures += [failure_row("evaluate", f"{ref.name}/{name}/{item_id}", "ItemError", error, kind="record")
                              for item_id, error in zip(scored["id"], scored["error"], strict=True)
                              if isinstance(error, str)]

@@ -16,7 +16,6 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -24,7 +23,10 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
 from moegrok.store import (
+    AnyPath,
+    ObjectPath,
     changed_inputs,
+    configure_storage,
     error_fields,
     failure_row,
     fingerprint,
@@ -32,6 +34,7 @@ from moegrok.store import (
     is_done,
     mark_done,
     one_line,
+    read_markers,
 )
 
 
@@ -39,7 +42,7 @@ from moegrok.store import (
 class Unit:
     name: str  # names the unit in progress bars and failures.parquet, e.g. "step300/shard00002"
     checkpoint: str  # units of one checkpoint go to the actor that has it loaded
-    output: Path  # the file or dir whose completion marker says the unit is done
+    output: AnyPath  # the file or dir whose completion marker says the unit is done
     inputs: dict[str, Any]  # everything that determines the output, by name (config keys where they are)
     payload: Any = None  # what the worker needs beyond its constructor arguments (small)
     attempt: int = 0
@@ -84,6 +87,8 @@ def run_unit(compute: Callable[[Unit], dict | None], unit: Unit) -> Receipt:
     """Compute one unit (the callable writes its output atomically), then mark it done. Errors
     become a failure receipt: a bad unit never takes its worker down."""
     start = time.perf_counter()
+    if isinstance(unit.output, ObjectPath):  # the driver's storage.options, on every worker
+        configure_storage(unit.output.options)
     try:
         receipt = compute(unit) or {}
     except Exception as e:
@@ -108,6 +113,7 @@ def run_stage(stage: str, units: list[Unit], make_executor: Callable[[list[Unit]
     changed); invalidate them and run them on `make_executor(todo)`, which is only called (and
     Ray only needed) when there is something to do."""
     start = time.perf_counter()
+    read_markers([unit.output for unit in units])  # on an object store: a LIST per directory, not a HEAD per unit
     todo = [unit for unit in units if not is_done(unit.output, unit.fingerprint)]
     result = StageResult(stage, units=len(units), skipped=len(units) - len(todo))
     reasons = Counter(reason for unit in todo for reason in changed_inputs(unit.output, unit.inputs))

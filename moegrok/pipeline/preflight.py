@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import pandas as pd
-
 from moegrok.config import Sandbox, Stage, SweepConfig, config_yaml
 from moegrok.data.checkpoints import (
     CheckpointRef,
@@ -35,7 +33,7 @@ from moegrok.evaluation.scoring import longest_answer
 from moegrok.pipeline.cluster import check_cluster
 from moegrok.pipeline.evaluate import Benchmarks, load_benchmarks
 from moegrok.pipeline.shards import Shards, plan_shards
-from moegrok.store import RunDir, fingerprint, write_parquet, write_text
+from moegrok.store import RunDir, as_path, fingerprint, read_parquet, write_parquet, write_text
 
 
 @dataclasses.dataclass
@@ -63,7 +61,7 @@ class Inputs:
 def check_files(cfg: SweepConfig, stages: list[Stage]) -> None:
     """Every input file the stages read exists and is not empty."""
     def need(path: str, key: str) -> None:
-        file = Path(path)
+        file = as_path(path)
         if not file.is_file():
             raise UserError(f"{key}={path!r}: no such file")
         if file.stat().st_size == 0:
@@ -74,7 +72,7 @@ def check_files(cfg: SweepConfig, stages: list[Stage]) -> None:
             raise SampleError("samples.paths is empty: give at least one jsonl/parquet sample file")
         for index, path in enumerate(cfg.samples.paths):
             need(path, f"samples.paths[{index}]")
-        if cfg.checkpoints.dir and not Path(cfg.checkpoints.dir).is_dir():
+        if cfg.checkpoints.dir and not as_path(cfg.checkpoints.dir).is_dir():
             raise CheckpointError(f"checkpoints.dir={cfg.checkpoints.dir!r} is not a directory")
     if Stage.evaluate in stages:
         for bench in cfg.eval.benchmarks:
@@ -88,11 +86,11 @@ def catalog(cfg: SweepConfig, run: RunDir, stages: list[Stage]) -> tuple[list[Ch
     whether catalog.parquet must be rewritten. While watching, a checkpoint still being written is
     left for the next round. Stages that load no checkpoint use the stored catalog."""
     if not ({Stage.record, Stage.tune, Stage.evaluate} & set(stages) or not run.catalog.exists()):
-        return refs_from_frame(pd.read_parquet(run.catalog)), False
+        return refs_from_frame(read_parquet(run.catalog)), False
     try:
         refs = build_catalog(cfg.checkpoints)
     except CheckpointError:
-        if cfg.watch.enabled and cfg.checkpoints.dir and Path(cfg.checkpoints.dir).is_dir():
+        if cfg.watch.enabled and cfg.checkpoints.dir and as_path(cfg.checkpoints.dir).is_dir():
             return [], False  # no checkpoint written yet
         raise
     if cfg.watch.enabled:
@@ -107,7 +105,7 @@ def _groups(run: RunDir, shards: Shards | None) -> list[str] | None:
     if shards is not None:
         return shards.groups
     if run.samples.exists():
-        return sorted(set(pd.read_parquet(run.samples, columns=["group"])["group"]))
+        return sorted(set(read_parquet(run.samples, columns=["group"])["group"]))
     return None
 
 

@@ -13,16 +13,17 @@ from moegrok.metrics.compact import compact_table
 from moegrok.pipeline.cluster import actor_options, init_ray
 from moegrok.pipeline.executor import ActorPool, StageResult, Unit, UnitWorker, run_stage
 from moegrok.pipeline.shards import Shards
-from moegrok.store import RunDir, invalidate, write_bytes, write_parquet
+from moegrok.store import AnyPath, RunDir, configure_storage, invalidate, write_bytes, write_parquet
 
 
 class RecordWorker(UnitWorker):
     """Holds one checkpoint at a time and records sample shards on it."""
 
-    def __init__(self, cfg: SweepConfig, run_root: str) -> None:
+    def __init__(self, cfg: SweepConfig, run_root: AnyPath) -> None:
         import torch  # here, on the actor: the driver plans units without torch
 
-        self.cfg, self.run = cfg, RunDir(run_root)
+        self.cfg, self.run = cfg, RunDir(run_root)  # a URL root carries its storage options
+        configure_storage(cfg.storage.options)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.name: str | None = None
         self.recorder = None
@@ -172,7 +173,7 @@ def record_stage(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef], shard
         shard_refs = {index: ray.put(tokenized[index]) for index in sorted({u.payload["shard"] for u in todo})}
         for unit in todo:
             unit.payload["samples"] = shard_refs[unit.payload["shard"]]
-        return ActorPool(RecordWorker, cfg, str(run.root), num_actors=cfg.record.num_actors,
+        return ActorPool(RecordWorker, cfg, run.root, num_actors=cfg.record.num_actors,
                          options=actor_options(cfg.record), max_retries=cfg.record.max_retries)
 
     result = run_stage("record", units, executor, progress=cfg.progress)

@@ -21,9 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import ray
-from safetensors.numpy import load_file
 
 from moegrok.config import MemorizationConfig, SampleSet, SweepConfig, as_plain, config_yaml
 from moegrok.data.checkpoints import CheckpointRef
@@ -33,12 +31,22 @@ from moegrok.metrics.table import checkpoint_features, set_row
 from moegrok.pipeline.cluster import init_ray
 from moegrok.pipeline.executor import StageResult, TaskPool, Unit, run_stage
 from moegrok.pipeline.reduce_analyses import analysis_units, assemble_analyses, computes
-from moegrok.store import RunDir, done_fingerprint, failure_row, fingerprint, read_tags, write_parquet
+from moegrok.store import (
+    RunDir,
+    done_fingerprint,
+    failure_row,
+    fingerprint,
+    load_safetensors,
+    read_parquet,
+    read_table,
+    read_tags,
+    write_parquet,
+)
 
 
 @functools.lru_cache(maxsize=8)
 def _checkpoint_weights(path: str) -> dict[str, np.ndarray]:
-    return load_file(path)
+    return load_safetensors(path)
 
 
 # --------------------------------------------------------------------------- units (on Ray workers)
@@ -46,7 +54,7 @@ def _checkpoint_weights(path: str) -> dict[str, np.ndarray]:
 
 def compute_features(unit: Unit, *, weight_share: float, positions: list[str]) -> dict:
     routers_LED = _checkpoint_weights(unit.payload["weights"])["routers"]
-    features = checkpoint_features(pq.read_table(unit.payload["routing"]), routers_LED, weight_share=weight_share,
+    features = checkpoint_features(read_table(unit.payload["routing"]), routers_LED, weight_share=weight_share,
                                    positions=positions)
     write_parquet(features, unit.output)
     return {"rows": len(features)}
@@ -55,11 +63,11 @@ def compute_features(unit: Unit, *, weight_share: float, positions: list[str]) -
 def compute_metrics(unit: Unit, *, positions: list[str], max_pairs: int, seed: int) -> dict:
     """A row per group for one checkpoint and sample set; samples in sample_id order, columns
     Arrow-backed (means by Arrow's kernels)."""
-    features = pq.read_table(unit.payload["features"]).to_pandas(types_mapper=pd.ArrowDtype)
+    features = read_table(unit.payload["features"]).to_pandas(types_mapper=pd.ArrowDtype)
     features = features.sort_values("sample_id", ignore_index=True)
     ref: CheckpointRef = unit.payload["ref"]
     if unit.payload["sample_set"] == SampleSet.memorized:
-        memorized = pq.read_table(unit.payload["memorized"], columns=["sample_id", "memorized_since"]).to_pandas()
+        memorized = read_table(unit.payload["memorized"], columns=["sample_id", "memorized_since"]).to_pandas()
         members = set(memorized.loc[memorized["memorized_since"] <= ref.step, "sample_id"])
         features = features[features["sample_id"].isin(members)]
     rows = [set_row(members, checkpoint=ref.name, step=ref.step, group=group, sample_set=unit.payload["sample_set"],
@@ -81,7 +89,7 @@ def compute_metrics(unit: Unit, *, positions: list[str], max_pairs: int, seed: i
 
 def compute_memorized(unit: Unit, *, memo: MemorizationConfig) -> dict:
     """The loss rule's memorized set of one data group, from every checkpoint's features."""
-    losses = pq.read_table(unit.payload["features"], columns=["step", "sample_id", "group", "loss"],
+    losses = read_table(unit.payload["features"], columns=["step", "sample_id", "group", "loss"],
                            filters=[("group", "=", unit.payload["group"])]).to_pandas()
     memorized = select_memorized(losses, delta=memo.delta, eps=memo.eps, target_fraction=memo.target_fraction)
     write_parquet(memorized, unit.output)
@@ -198,7 +206,7 @@ def reduce_stage(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef], num_s
         compute_features, weight_share=metrics_cfg.weight_share, positions=positions)), progress=cfg.progress)]
     features = complete_features(features_todo)
 
-    groups = sorted(set(pd.read_parquet(run.samples, columns=["group"])["group"]))
+    groups = sorted(set(read_parquet(run.samples, columns=["group"])["group"]))
     memorized_todo = memorized_units(cfg, parts, groups, features)
     results.append(run_stage("reduce memorized", memorized_todo,
                              tasks(functools.partial(compute_memorized, memo=metrics_cfg.memorization)),
@@ -242,7 +250,7 @@ def _memorized_prints(memorized: pd.DataFrame, steps: list[int]) -> dict[int, st
 
 
 def _finished(units: list[Unit]) -> list[pd.DataFrame]:
-    return [pd.read_parquet(unit.output) for unit in units if done_fingerprint(unit.output) == unit.fingerprint]
+    return [read_parquet(unit.output) for unit in units if done_fingerprint(unit.output) == unit.fingerprint]
 
 
 def _publish(run: RunDir, cfg: SweepConfig, memorized: pd.DataFrame, metric_units: list[Unit],

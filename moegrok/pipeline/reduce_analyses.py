@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from moegrok.config import RoutingAnalysesConfig, SweepConfig
 from moegrok.data.checkpoints import CheckpointRef
@@ -34,7 +33,7 @@ from moegrok.routing.analyses import (
     merge_statistics,
     shard_statistics,
 )
-from moegrok.store import RunDir, write_parquet
+from moegrok.store import RunDir, read_parquet, read_table, write_parquet
 
 # layer means of these per-layer columns go into metrics.parquet under these names
 METRIC_COLUMNS = {"saturation": "router_saturation", "top1_agreement": "top1_agreement",
@@ -48,7 +47,7 @@ SATURATION_CHUNK = 32
 
 
 def _read_tokens(path: str) -> pa.Table:
-    return token_rows(pq.read_table(path))  # compact tables keep tokens for a subset only
+    return token_rows(read_table(path))  # compact tables keep tokens for a subset only
 
 
 def _merged(shards: list[tuple[str, str | None]], *, with_coactivation: bool,
@@ -183,8 +182,8 @@ def assemble_analyses(units: dict[str, list[Unit]], finished) -> dict[str, pd.Da
     tables = {"routing_analyses": layers, "coactivation": pd.DataFrame(), "specialization": pd.DataFrame()}
     for unit in units["reference"]:
         if finished([unit]):
-            tables["coactivation"] = pd.read_parquet(unit.output)
-            tables["specialization"] = pd.read_parquet(unit.payload["specialization"])
+            tables["coactivation"] = read_parquet(unit.output)
+            tables["specialization"] = read_parquet(unit.payload["specialization"])
     present = [column for column in METRIC_COLUMNS if column in layers]
     if layers.empty:
         tables["means"] = pd.DataFrame(columns=["checkpoint", "group"])

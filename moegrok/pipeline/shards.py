@@ -25,7 +25,7 @@ from moegrok.data.samples import (
     truncation_summary,
 )
 from moegrok.errors import SampleError
-from moegrok.store import RunDir, failure_row, fingerprint, read_tags, write_parquet
+from moegrok.store import RunDir, as_path, failure_row, fingerprint, read_parquet, read_tags, write_parquet
 
 
 @dataclass
@@ -73,7 +73,7 @@ def plan_shards(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef], tokeni
     `tokenizer()`, cut at samples.max_tokens or the context length of `checkpoint()`); a malformed
     or untokenizable sample is a failure row naming it, no usable sample at all a user error."""
     key = fingerprint(as_plain(cfg.samples), cfg.model.trust_remote_code, refs[0].name, refs[0].content,
-                      [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in cfg.samples.paths])
+                      [hashlib.sha256(as_path(path).read_bytes()).hexdigest() for path in cfg.samples.paths])
     cache: dict = {}
     tags = read_tags(run.samples)
 
@@ -89,7 +89,7 @@ def plan_shards(cfg: SweepConfig, run: RunDir, refs: list[CheckpointRef], tokeni
 
     pending = None
     if tags.get("samples") == key:  # current: nothing is read or tokenized
-        table = pd.read_parquet(run.samples, columns=["sample_id", "group", "shard"])
+        table = read_parquet(run.samples, columns=["sample_id", "group", "shard"])
         members = [[] for _ in tags["prints"]]
         for sample_id, group, shard in table.itertuples(index=False):
             members[shard].append((sample_id, group))

@@ -14,6 +14,8 @@ from moegrok.pipeline.preflight import Inputs, check_inputs
 from moegrok.report.run import correlation_summary, verdicts
 from moegrok.store import (
     RunDir,
+    configure_storage,
+    read_parquet,
     run_lock,
     write_parquet,
 )
@@ -31,11 +33,12 @@ def run_sweep(cfg: SweepConfig, stages: list[Stage] | None = None) -> int:
         stages = [s for s in stages if s != Stage.evaluate]
     if not cfg.tune.enabled:
         stages = [s for s in stages if s != Stage.tune]
+    configure_storage(cfg.storage.options)  # a URL run_dir and URL inputs; workers get them with each unit
     run = RunDir(cfg.run_dir)
     inputs = check_inputs(cfg, run, stages)  # before the first file of the run dir
     try:
         run.root.mkdir(parents=True, exist_ok=True)
-        with run_lock(run.root):
+        with run_lock(run.root, lease_ttl_s=cfg.storage.lease_ttl_s):
             inputs.save(cfg, run)
             return _run_stages(cfg, run, stages, inputs)
     except OSError as e:
@@ -65,11 +68,11 @@ def _run_stages(cfg: SweepConfig, run: RunDir, stages: list[Stage], inputs: Inpu
     print("\nmoegrok sweep summary (" + str(run.root) + ")\n" + table.to_string(index=False))
     write_parquet(table.assign(bytes_received=[result.bytes_received for result in results]), run.stages)
     if run.correlations.exists() and Stage.report in stages:
-        correlations = pd.read_parquet(run.correlations)
+        correlations = read_parquet(run.correlations)
         if len(correlations) and correlations["spearman"].notna().any():
             print("\nSpearman with accuracy after memorization (* = beats step and loss baselines, detrended too)")
             print(correlation_summary(correlations).to_string(index=False))
-            onsets = pd.read_parquet(run.onsets) if run.onsets.exists() else None
+            onsets = read_parquet(run.onsets) if run.onsets.exists() else None
             print("\n".join(verdicts(correlations, onsets)))
     if cfg.cluster.sync_uri:
         sync(run, cfg.cluster.sync_uri)
@@ -109,7 +112,7 @@ def _record(cfg: SweepConfig, run: RunDir, inputs: Inputs) -> StageResult:
 def _reduce(cfg: SweepConfig, run: RunDir, inputs: Inputs) -> StageResult:
     from moegrok.pipeline.reduce import reduce_stage
 
-    num_shards = int(pd.read_parquet(run.samples, columns=["shard"])["shard"].max()) + 1
+    num_shards = int(read_parquet(run.samples, columns=["shard"])["shard"].max()) + 1
     return reduce_stage(cfg, run, inputs.refs, num_shards)
 
 
@@ -147,7 +150,8 @@ STAGES = {Stage.record: _record, Stage.reduce: _reduce, Stage.tune: _tune, Stage
 
 
 def sync(run: RunDir, uri: str) -> None:
-    """Copy the run directory to an fsspec URL (s3://, gs://, ...)."""
+    """Copy a local run directory to an fsspec URL (s3://, gs://, ...); a run dir that is a URL
+    already is written there directly (config: sync_uri must then be null)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(uri)

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from moegrok.analysis.correlations import BASELINES, MIN_N, metric_columns
 from moegrok.report.pages import page, png, table
 from moegrok.report.run import CURVE_METRICS, SUMMARY_WINDOW
-from moegrok.store import RunDir, write_parquet
+from moegrok.store import RunDir, read_parquet, write_parquet
 
 # how a run ran rather than what it computed: never a label
 NOT_LABELS = ("run_dir", "stage", "progress", "cluster.")
@@ -64,21 +64,21 @@ def run_labels(run_dirs: list[Path], values: pd.DataFrame) -> list[str]:
 
 def run_rows(run: RunDir, sample_set: str) -> pd.DataFrame:
     """One run's rows of grid.parquet (without the label columns)."""
-    metrics = pd.read_parquet(run.metrics)
+    metrics = read_parquet(run.metrics)
     chosen = metrics[metrics["sample_set"] == sample_set].sort_values("step")
     names = [*metric_columns(metrics), *BASELINES]
     rows = [{"group": group, "metric": name, "first": part[name].iloc[0], "last": part[name].iloc[-1]}
             for group, part in chosen.groupby("group", sort=True) for name in names]
     frame = pd.DataFrame(rows, columns=["group", "metric", "first", "last"])
     if run.correlations.exists():
-        correlations = pd.read_parquet(run.correlations)
+        correlations = read_parquet(run.correlations)
         window = correlations[correlations["window"] == SUMMARY_WINDOW]
         frame = frame.merge(window[["group", "benchmark", "metric", *CORRELATION_COLUMNS]], on=["group", "metric"],
                             how="left")
     else:
         frame = frame.assign(benchmark=None, **{column: np.nan for column in CORRELATION_COLUMNS})
     if run.onsets.exists():
-        frame = frame.merge(pd.read_parquet(run.onsets)[["group", "benchmark", *ONSET_COLUMNS]],
+        frame = frame.merge(read_parquet(run.onsets)[["group", "benchmark", *ONSET_COLUMNS]],
                             on=["group", "benchmark"], how="left")
     else:
         frame = frame.assign(**{column: np.nan for column in ONSET_COLUMNS})
@@ -136,8 +136,8 @@ def write_grid_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     runs = list(dict.fromkeys(grid["run"]))
     label_columns = list(grid.columns[2:grid.columns.get_loc("group")])  # the differing config values
     overview = grid.drop_duplicates("run")[["run", "run_dir", *label_columns]].reset_index(drop=True)
-    overview["checkpoints"] = [pd.read_parquet(RunDir(d).metrics, columns=["step"])["step"].nunique() for d in run_dirs]
-    overview["failures"] = [len(pd.read_parquet(RunDir(d).failures)) if RunDir(d).failures.exists() else 0
+    overview["checkpoints"] = [read_parquet(RunDir(d).metrics, columns=["step"])["step"].nunique() for d in run_dirs]
+    overview["failures"] = [len(read_parquet(RunDir(d).failures)) if RunDir(d).failures.exists() else 0
                             for d in run_dirs]
     parts = ["<h1>moegrok grid report</h1>",
              f"<p>{len(runs)} runs, labelled by the config values in which they differ.</p>", table(overview)]
@@ -165,7 +165,7 @@ def write_grid_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     curves = {}
     for label, run_dir in zip(runs, run_dirs, strict=True):
         config = yaml.safe_load(RunDir(run_dir).config.read_text())
-        metrics = pd.read_parquet(RunDir(run_dir).metrics)
+        metrics = read_parquet(RunDir(run_dir).metrics)
         sample_set = (config.get("analysis") or {}).get("sample_set", "memorized")
         curves[label] = metrics[metrics["sample_set"] == sample_set].sort_values("step")
     shown_metrics = [m for m in CURVE_METRICS if all(m in c and c[m].notna().any() for c in curves.values())]

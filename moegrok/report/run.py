@@ -16,7 +16,7 @@ from moegrok.analysis.correlations import ALPHA, MIN_N, asynchronous_groups, joi
 from moegrok.metrics.declarations import RETROSPECTIVE
 from moegrok.report.contrast import contrast_section
 from moegrok.report.pages import page, png, table
-from moegrok.store import RunDir, read_tags, write_text
+from moegrok.store import RunDir, as_path, read_parquet, read_tags, write_text
 
 # Paper Table 1 (Pearson/Spearman with test accuracy after the sustained rise)
 PAPER_VALUES = {"pathway_distance": "-0.93 .. -0.98", "consistency": "+0.92 .. +0.99", "loss_mean": "-0.07 .. +0.79"}
@@ -30,7 +30,7 @@ def _read(path: Path) -> pd.DataFrame | None:
     produced nothing)."""
     if not path.exists():
         return None
-    frame = pd.read_parquet(path)
+    frame = read_parquet(path)
     return frame if len(frame) else None
 
 
@@ -333,10 +333,10 @@ def _curves_section(tables: RunTables) -> list[str]:
 
 def _med_section(tables: RunTables) -> list[str]:
     """MED against the held-out loss of the toy zoo's training log, where there is one."""
-    train_log = Path((tables.config.get("checkpoints") or {}).get("dir") or "__none__") / "train_log.parquet"
+    train_log = as_path((tables.config.get("checkpoints") or {}).get("dir") or "__none__") / "train_log.parquet"
     if tables.metrics is None or not train_log.exists() or not tables.metrics["med"].notna().any():
         return []
-    figure = _med_figure(pd.read_parquet(train_log), tables.metrics)
+    figure = _med_figure(read_parquet(train_log), tables.metrics)
     return ["<h2>Embedding progress measure (toy zoo)</h2>",
             png(figure, tables.run.figures / "med_vs_heldout_loss.png")]
 

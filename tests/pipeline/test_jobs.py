@@ -7,28 +7,18 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import pytest
 
 from moegrok.pipeline import run_sweep
-from moegrok.pipeline.reaper import descendants
 from moegrok.store import RunDir
-from tests.reference.toy import tiny_sweep_config, tiny_sweep_overrides
+from tests.reference.jobs import ENV, kill_and_check_nothing_outlives, start, sweep_command
+from tests.reference.toy import tiny_sweep_config
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 # 5 record units per checkpoint, so a kill lands in the middle of the record stage
 SMALL_UNITS = ("samples.shard_size=8", "eval.enabled=false", "cluster.num_cpus=2")
-
-
-def sweep_command(zoo: Path, run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, str(ROOT / "jobs" / "sweep.py"), *tiny_sweep_overrides(zoo, run_dir), *overrides]
 
 
 def test_user_errors_are_one_line_and_exit_2(tiny_zoo, tmp_path):
@@ -53,39 +43,8 @@ def test_user_errors_are_one_line_and_exit_2(tiny_zoo, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("moegrok: ") and message in lines[0], (override, lines)
 
 
-def start(command: list[str], ready: Callable[[], bool]) -> subprocess.Popen:
-    """A sweep in the background, returned once `ready()` holds (a hang guard only: the sweep fails
-    the test if it ends first or never gets there)."""
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    while not ready():
-        assert process.poll() is None, process.stderr.read()[-2000:]
-        assert time.monotonic() < deadline, "the sweep never got there"
-        time.sleep(0.05)
-    return process
-
-
 def markers(run: RunDir) -> int:
     return len(list(run.root.glob("routing/*/.*.done")))
-
-
-def reaper_of(pid: int) -> psutil.Process:
-    """The reaper that follows the driver `pid` (it runs in a session of its own)."""
-    for process in psutil.process_iter(["cmdline"]):
-        if (process.info["cmdline"] or [])[-2:] == ["moegrok.pipeline.reaper", str(pid)]:
-            return process
-    raise AssertionError(f"no reaper follows pid {pid}")
-
-
-def running(pids) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
 
 
 @pytest.fixture
@@ -95,18 +54,6 @@ def broken_zoo(tiny_zoo, tmp_path) -> Path:
     weights = zoo / "step3" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
     return zoo
-
-
-def kill_and_check_nothing_outlives(process: subprocess.Popen) -> None:
-    """kill -9 the driver alone (as an OOM killer would); once its reaper has exited, no process the
-    sweep started runs on."""
-    os.kill(process.pid, signal.SIGSTOP)
-    started = descendants(process.pid)  # Ray's head, node agents, actors, tasks' workers, ...
-    reaper = reaper_of(process.pid)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    reaper.wait(timeout=120)  # it kills what it followed, then exits
-    assert len(started) >= 5 and running(started) == [], "processes of the killed sweep outlived its reaper"
 
 
 def test_a_killed_sweep_leaves_nothing_behind_and_resumes_to_the_same_tables(broken_zoo, tmp_path, ray_cluster):
