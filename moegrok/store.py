@@ -19,6 +19,7 @@ import fnmatch
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -38,6 +39,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from moegrok.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- object storage
 
@@ -570,78 +573,114 @@ def _holder() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()}, since {since}"
 
 
-class _Lease:
+class Lease:
     """A lease object on an object store: created only if absent (S3: a PUT with If-None-Match: *),
     rewritten by its holder every ttl/3 with a new expiry, deleted at the end. A lease whose expiry
-    has passed (its holder died) is taken over."""
+    has passed (its holder died) is taken over. On S3 the takeover and every renewal are PUTs with
+    If-Match on the ETag last seen, so of two sweeps taking over one expired lease only one wins, and
+    a holder that was paused past its expiry finds its lease gone instead of overwriting the new
+    holder's."""
 
     def __init__(self, path: ObjectPath, ttl_s: float) -> None:
         self.path, self.ttl_s = path, ttl_s
         self.token = uuid.uuid4().hex
         self.holder = _holder()
+        self.etag: str | None = None
         self._stop = threading.Event()
 
     def _body(self) -> bytes:
         return json.dumps({"holder": self.holder, "token": self.token, "expires": time.time() + self.ttl_s}).encode()
 
-    def _s3(self) -> Any:
-        return s3_client(self.path.options)
+    def _conditional_put(self, **condition: str) -> bool:
+        """S3: PUT the lease under `condition` (IfNoneMatch / IfMatch); False when it does not hold."""
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = self.path.key.partition("/")
+        try:
+            self.etag = s3_client(self.path.options).put_object(Bucket=bucket, Key=key, Body=self._body(),
+                                                                **condition)["ETag"]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
+    def _read(self) -> tuple[dict[str, Any], str | None] | None:
+        """The lease held now and its ETag (S3), or None when there is none (or it is half-written)."""
+        try:
+            if self.path.scheme in ("s3", "s3a"):
+                bucket, _, key = self.path.key.partition("/")
+                got = s3_client(self.path.options).get_object(Bucket=bucket, Key=key)
+                return json.loads(got["Body"].read()), got["ETag"]
+            return json.loads(self.path.read_text()), None
+        except (FileNotFoundError, ValueError):
+            return None
+        except Exception as e:  # botocore's NoSuchKey
+            if getattr(e, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
 
     def _create(self) -> bool:
         """Write the lease only if there is none; False when there is one."""
         if self.path.scheme in ("s3", "s3a"):
-            from botocore.exceptions import ClientError
-
-            bucket, _, key = self.path.key.partition("/")
-            try:
-                self._s3().put_object(Bucket=bucket, Key=key, Body=self._body(), IfNoneMatch="*")
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-                    return False
-                raise
-            return True
+            return self._conditional_put(IfNoneMatch="*")
         # other stores: write if absent, then read back that the lease is ours (a narrow race)
         if self.path.exists():
             return False
         self.path.write_bytes(self._body())
         return json.loads(self.path.read_text()).get("token") == self.token
 
+    def _take_over(self, etag: str | None) -> bool:
+        """Replace an expired lease: on S3 only if it is still the one read (If-Match)."""
+        if etag is not None:
+            return self._conditional_put(IfMatch=etag)
+        self.path.unlink(missing_ok=True)
+        return self._create()
+
     def acquire(self) -> None:
-        for _ in range(2):
+        for _ in range(3):
             if self._create():
-                threading.Thread(target=self._renew, daemon=True, name="moegrok-lease").start()
-                return
-            try:
-                held = json.loads(self.path.read_text())
-            except (FileNotFoundError, ValueError):
-                continue  # released (or half-read) meanwhile: try again
-            left = float(held.get("expires", 0)) - time.time()
+                break
+            held = self._read()
+            if held is None:
+                continue  # released (or half-written) meanwhile: try again
+            lease, etag = held
+            left = float(lease.get("expires", 0)) - time.time()
             if left > 0:
-                raise UserError(f"run dir {self.path.parent} is in use by another sweep ({held.get('holder')}); "
+                raise UserError(f"run dir {self.path.parent} is in use by another sweep ({lease.get('holder')}); "
                                 f"its lease expires in {left:.0f} s unless renewed (storage.lease_ttl_s): wait "
                                 "for it to finish or choose another run_dir")
-            self.path.unlink(missing_ok=True)  # expired: its holder died
-        raise UserError(f"run dir {self.path.parent}: another sweep took the lease {self.path.name} meanwhile; "
-                        "choose another run_dir or wait")
+            if self._take_over(etag):  # expired: its holder died
+                break
+        else:
+            raise UserError(f"run dir {self.path.parent}: another sweep took the lease {self.path.name} meanwhile; "
+                            "choose another run_dir or wait")
+        threading.Thread(target=self._renew, daemon=True, name="moegrok-lease").start()
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            with contextlib.suppress(OSError):  # a blip: the next renewal tries again before it expires
-                self.path.write_bytes(self._body())
+            try:
+                if self.etag is None:
+                    self.path.write_bytes(self._body())
+                elif not self._conditional_put(IfMatch=self.etag):
+                    log.error("run dir %s: this sweep's lease %s was taken over after it expired (paused for "
+                              "more than storage.lease_ttl_s=%s s?); another sweep may now write here",
+                              self.path.parent, self.path.name, self.ttl_s)
+                    return
+            except Exception as e:  # a network blip: the next renewal tries again before it expires
+                log.warning("run dir %s: renewing the lease failed (%s); retrying", self.path.parent, e)
 
     def release(self) -> None:
         self._stop.set()
-        try:
-            if json.loads(self.path.read_text()).get("token") == self.token:
-                self.path.unlink(missing_ok=True)
-        except (FileNotFoundError, ValueError):
-            pass
+        held = self._read()
+        if held is not None and held[0].get("token") == self.token:
+            self.path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def lease(path: ObjectPath, ttl_s: float = LEASE_TTL_S) -> Iterator[None]:
-    """Hold a lease object for the block (see `_Lease`)."""
-    held = _Lease(path, ttl_s)
+    """Hold a lease object for the block (see `Lease`)."""
+    held = Lease(path, ttl_s)
     held.acquire()
     try:
         yield

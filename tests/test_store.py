@@ -10,6 +10,7 @@ import pytest
 
 from moegrok.errors import ConfigError, UserError
 from moegrok.store import (
+    Lease,
     RunDir,
     as_path,
     atomic_path,
@@ -190,6 +191,19 @@ def test_the_lease_is_renewed_while_held(bucket_run):
         assert json.loads(lease_path.read_text())["expires"] > first
         with pytest.raises(UserError, match="in use by another sweep"), run_lock(bucket_run.root):
             pass
+
+
+def test_an_expired_lease_goes_to_one_sweep_and_its_old_holder_cannot_renew_it(bucket_run):
+    path = bucket_run.root / ".lease"
+    paused = Lease(path, ttl_s=0.5)
+    assert paused._create()  # a holder that then stops renewing (paused, not dead)
+    time.sleep(0.6)
+    expired, etag = paused._read()
+    assert expired["token"] == paused.token and expired["expires"] < time.time()
+    first, second = Lease(path, ttl_s=30), Lease(path, ttl_s=30)
+    assert first._take_over(etag) and not second._take_over(etag)  # one winner of the same expired lease
+    assert not paused._conditional_put(IfMatch=paused.etag)  # its renewal finds the lease gone
+    assert json.loads(path.read_text())["token"] == first.token
 
 
 def test_storage_options_name_the_endpoint_and_credentials(s3_endpoint, monkeypatch):
