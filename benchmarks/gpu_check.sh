@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 PYTHON=${PYTHON:-python}
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
-"$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/routing/test_fused_moe.py
+"$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/routing/test_fused_moe.py tests/routing/test_compiled.py
 "$PYTHON" benchmarks/record_throughput.py --gpu --samples 600 "$@"

@@ -384,15 +384,25 @@ def write_parquet(table: pa.Table | pd.DataFrame, path: str | Path, *, tags: dic
         pq.write_table(table, tmp)
 
 
+def read_metadata(path: str | AnyPath) -> dict[bytes, bytes]:
+    """A Parquet table's schema metadata, read from its footer (on an object store: ranged GETs of
+    the footer, not the whole object)."""
+    path = as_path(path)
+    if isinstance(path, ObjectPath):
+        with path.fs.open_input_file(path.key) as file:
+            return pq.read_schema(file).metadata or {}
+    return pq.read_schema(path).metadata or {}
+
+
 def read_tags(path: str | AnyPath) -> dict:
     """The "moegrok" tags of a table written by `write_parquet` ({} if none, or no table)."""
     path = as_path(path)
     if not path.exists():
         return {}
-    if isinstance(path, ObjectPath):
+    if isinstance(path, ObjectPath):  # tagged tables are small: one GET of the whole object
         metadata = pq.read_schema(pa.BufferReader(path.read_bytes())).metadata or {}
     else:
-        metadata = pq.read_schema(path).metadata or {}
+        metadata = read_metadata(path)
     return json.loads(metadata.get(b"moegrok", b"{}"))
 
 

@@ -13,7 +13,7 @@ from moegrok.metrics.compact import compact_table
 from moegrok.pipeline.cluster import actor_options, init_ray
 from moegrok.pipeline.executor import ActorPool, StageResult, Unit, UnitWorker, run_stage
 from moegrok.pipeline.shards import Shards
-from moegrok.store import AnyPath, RunDir, configure_storage, invalidate, write_bytes, write_parquet
+from moegrok.store import AnyPath, RunDir, configure_storage, invalidate, read_metadata, write_bytes, write_parquet
 
 
 class RecordWorker(UnitWorker):
@@ -50,7 +50,7 @@ class RecordWorker(UnitWorker):
             compiled = compile_enabled(rec.compile, self.device)
             options = dict(adapter=adapter, loss_chunk_tokens=rec.loss_chunk_tokens, keep_input_ids=rec.keep_input_ids,
                            max_tokens_per_batch=rec.max_tokens_per_batch
-                           or auto_token_budget(model, self.device, adapter=adapter))
+                           or auto_token_budget(model, self.device, adapter=adapter, padded=compiled))
             self.recorder = compiled_recorder(model, **options) if compiled else RoutingRecorder(model, **options)
             self.recorder.metadata = record_settings(model, compiled=compiled)
         self.name = ref.name
@@ -100,14 +100,12 @@ RECORD_SETTINGS = ("architecture", "experts_implementation", "compiled", "dtype"
 def check_record_settings(run: RunDir, refs: list[CheckpointRef], num_shards: int) -> None:
     """Refuse routing tables of one architecture recorded with different experts implementations,
     compilation or dtype across checkpoints (a sweep over several families may differ between them)."""
-    import pyarrow.parquet as pq
-
     seen: dict[str, dict[tuple[str, ...], list[str]]] = {}
     for ref in refs:
         for index in range(num_shards):
             path = run.routing_shard(ref.name, index)
             if path.exists():
-                metadata = pq.read_schema(path).metadata or {}
+                metadata = read_metadata(path)
                 architecture, *key = (metadata.get(name.encode(), b"?").decode() for name in RECORD_SETTINGS)
                 if architecture != "?":
                     seen.setdefault(architecture, {}).setdefault(tuple(key), []).append(f"{ref.name}/shard{index:05d}")

@@ -28,11 +28,13 @@ def padded_shape(batch_size: int, length: int) -> tuple[int, int]:
 
 
 def auto_token_budget(model: torch.nn.Module, device: str, *, adapter: MoeAdapter | None = None,
-                      memory_share: float = 0.5) -> int:
+                      memory_share: float = 0.5, padded: bool = False) -> int:
     """record.max_tokens_per_batch=0: off GPU the default; on GPU the tokens whose activations fit
     in `memory_share` of the free memory (torch.cuda.mem_get_info), estimated from the model's shape:
     per token the decoder's hidden states and attention projections, the routed tokens' expert
-    activations, the router scores and the captured routing (a few bytes per layer and slot)."""
+    activations, the router scores and the captured routing (a few bytes per layer and slot).
+    `padded`: batches are padded to `padded_shape`, which at most doubles each dimension, so the
+    budget of real tokens is a quarter of what fits."""
     if not device.startswith("cuda"):
         return DEFAULT_MAX_TOKENS_PER_BATCH
     config = getattr(model.config, "get_text_config", lambda: model.config)()
@@ -44,8 +46,8 @@ def auto_token_budget(model: torch.nn.Module, device: str, *, adapter: MoeAdapte
     element = torch.finfo(next(model.parameters()).dtype).bits // 8
     per_token = element * (16 * hidden + 4 * top_k * inter + 2 * num_experts) + 3 * 12 * num_layers * top_k
     free, _ = torch.cuda.mem_get_info(torch.device(device))
-    budget = int(free * memory_share) // per_token
-    return max(DEFAULT_MAX_TOKENS_PER_BATCH, min(budget, 1 << 20) // 1024 * 1024)
+    budget = min(int(free * memory_share) // per_token, 1 << 20) // (4 if padded else 1)
+    return max(DEFAULT_MAX_TOKENS_PER_BATCH, budget // 1024 * 1024)
 
 
 def compiled_recorder(model: torch.nn.Module, *, adapter: MoeAdapter | None = None, **options) -> RoutingRecorder:

@@ -3,6 +3,7 @@ place from checkpoint to checkpoint, fixed batch shapes, the compiled decoder's 
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from moegrok.config import ModelConfig
@@ -50,6 +51,14 @@ def test_batches_pad_to_a_few_shapes_and_the_cpu_budget_is_the_default(checkpoin
     assert len({padded_shape(b, t) for b in range(1, 65) for t in range(2, 257)}) == 7 * 5
     model = AutoModelForCausalLM.from_pretrained(checkpoints[0])
     assert auto_token_budget(model, "cpu") == DEFAULT_MAX_TOKENS_PER_BATCH
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_gpu_budget_leaves_room_for_padding(checkpoints):
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[0])
+    unpadded, padded = auto_token_budget(model, "cuda:0"), auto_token_budget(model, "cuda:0", padded=True)
+    assert padded <= max(DEFAULT_MAX_TOKENS_PER_BATCH, unpadded // 4)  # padding at most doubles each dimension
 
 
 @pytest.mark.slow
