@@ -130,6 +130,16 @@ class ToyGroupConfig:
     name: str = MISSING
     op: ToyOperation = ToyOperation.add
     train_fraction: float = 0.5
+    # a canary: the op's prompts with random answers, fixed per sample and drawn with data.seed;
+    # memorizable, never generalizable: a control known before training (docs/own-run.md)
+    canary: bool = False
+
+
+class ToyForm(StrEnum):
+    """How a toy sample is written (moegrok.toy.data)."""
+
+    plain = "plain"  # "a + b =" -> c: 5 tokens with the answer
+    chain = "chain"  # "a + b = x ; x + b = y ; y + a =" -> z: three steps, intermediates written, 18 tokens
 
 
 @dataclass
@@ -143,8 +153,10 @@ class ToyDataConfig:
         ]
     )
     seed: int = 0
+    form: ToyForm = ToyForm.plain
 
     def __post_init__(self) -> None:
+        self.form = _choice(ToyForm, self.form, "data.form")
         _check(_is_prime(self.p), "data.p", self.p, "a prime number")
         _check(len(self.groups) > 0, "data.groups", self.groups, "at least one group")
         names = [g.name for g in self.groups]
@@ -559,8 +571,9 @@ class SweepConfig:
 
 
 class ZooRole(StrEnum):
-    calibration = "calibration"  # the detector's free parameters are fitted here
-    evaluation = "evaluation"  # never used for calibration
+    # informational only: every zoo is evaluated with the rules calibrated on all the others
+    calibration = "calibration"
+    evaluation = "evaluation"
 
 
 @dataclass
@@ -625,9 +638,7 @@ class StudyConfig:
                "a dir for every extra zoo (a zoo trained elsewhere)")
         keys = [(z.name, seed) for z in [*self.zoos, *self.extra_zoos] for seed in z.seeds]
         _check(len(set(keys)) == len(keys), "zoos", keys, "unique (name, seed) pairs")
-        roles = {z.role for z in self.zoos}
-        _check(not self.zoos or roles == set(ZooRole), "zoos", sorted(roles),
-               "at least one calibration and one evaluation zoo")
+        _check(len(keys) != 1, "zoos", keys, "at least two zoos (each is calibrated on the others)")
         _check(all(0.0 < t < 1.0 for t in self.weight_shares) and self.weight_shares, "weight_shares",
                self.weight_shares, "a non-empty list of numbers in (0, 1)")
         _check(self.samples_per_group > 0, "samples_per_group", self.samples_per_group, "> 0")
