@@ -139,7 +139,7 @@ class ToyForm(StrEnum):
     """How a toy sample is written (moegrok.toy.data)."""
 
     plain = "plain"  # "a + b =" -> c: 5 tokens with the answer
-    chain = "chain"  # "a + b = x ; x + b = y ; y + a =" -> z: three steps, intermediates written, 18 tokens
+    chain = "chain"  # "a + b = x ; b + x = y ; x + y =" -> z: three steps, intermediates written, 18 tokens
 
 
 @dataclass

@@ -5,7 +5,7 @@ generalize (grok) at different steps. The train split is the monitored sample se
 held-out split is the benchmark.
 
 Forms (`data.form`): `plain` writes one step, "a + b =" -> c. `chain` writes three steps of the
-group's operation with the intermediate results given, "a + b = x ; x + b = y ; y + a =" -> z
+group's operation with the intermediate results given, "a + b = x ; b + x = y ; x + y =" -> z
 (18 tokens with BOS and answer): long samples over which a pathway has room to change.
 
 A `canary` group keeps its op's prompts but answers each with a random residue, fixed per sample
@@ -43,12 +43,14 @@ SYMBOLS = ("+", "-", "*", "/", "^", "=", ";")
 
 
 def _chain(op: Operation, a: int, b: int, p: int) -> tuple[str, int]:
-    """Three steps of `op` with the intermediates written: x = a.b, y = x.b, answer = y.a."""
+    """Three steps of `op` with the intermediates written: x = a.b, y = b.x, answer = x.y. For add
+    and sub, (x, y) is a bijection of (a, b), so every sample's last step is its own (no held-out
+    last step was seen in training) and the answer is no function of one written number."""
     x = op.fn(a, b, p)
-    y = op.fn(x, b, p)
-    steps = [op.template.format(a=a, b=b) + f" {x}", op.template.format(a=x, b=b) + f" {y}",
-             op.template.format(a=y, b=a)]
-    return " ; ".join(steps), op.fn(y, a, p)
+    y = op.fn(b, x, p)
+    steps = [op.template.format(a=a, b=b) + f" {x}", op.template.format(a=b, b=x) + f" {y}",
+             op.template.format(a=x, b=y)]
+    return " ; ".join(steps), op.fn(x, y, p)
 
 
 def make_examples(cfg: ToyDataConfig) -> pd.DataFrame:
@@ -62,7 +64,7 @@ def make_examples(cfg: ToyDataConfig) -> pd.DataFrame:
         a_AB, b_AB = np.meshgrid(np.arange(cfg.p), np.arange(cfg.p), indexing="ij")
         a_N, b_N = a_AB.ravel(), b_AB.ravel()
         if op.b_nonzero:
-            keep = (b_N != 0) & ((a_N != 0) | (cfg.form == ToyForm.plain))  # a chain divides by a too
+            keep = (b_N != 0) & ((a_N != 0) | (cfg.form == ToyForm.plain))  # a chain divides by x and y too
             a_N, b_N = a_N[keep], b_N[keep]
         num_pairs = len(a_N)
         rng = np.random.default_rng([cfg.seed, group_index])
