@@ -22,6 +22,14 @@ exit_statuses: list[int] = []  # hydra.main drops return values
 
 def study(cfg: DictConfig) -> int:
     config: StudyConfig = OmegaConf.to_object(cfg)
+    if config.render_only:
+        from pathlib import Path
+
+        from moegrok.study.findings import render_into
+
+        render_into(Path(config.findings_dir).with_suffix(".md"), Path(config.findings_dir))
+        print(f"re-rendered {Path(config.findings_dir).with_suffix('.md')} from {config.findings_dir}/*.csv")
+        return 0
     print(headline_summary(run_study(config), cfg=config))
     print(f"tables (*.parquet) and study.html in {config.out_dir}")
     return 0

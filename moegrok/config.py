@@ -600,8 +600,9 @@ class DetectorConfig:
     persistence: list[int] = field(default_factory=lambda: [1, 2, 3])
     # a training-loss rise (nats) above its running minimum since memorization
     spike_loss_rises: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1.0, 2.0])
-    miss_cost: float = 300.0  # steps charged for a miss or a false alarm
-    margin: float = 50.0  # a detector beats a baseline only if its cost is lower by this much (one checkpoint)
+    miss_cost: float = 300.0  # steps charged for a miss or a false alarm (the main table)
+    miss_costs: list[float] = field(default_factory=lambda: [100.0, 200.0, 300.0, 400.0, 600.0])  # sensitivity
+    bootstrap_draws: int = 2000  # draws over scored groups for every cost's and difference's interval
 
     def __post_init__(self) -> None:
         for key in ("z_thresholds", "spike_loss_rises"):
@@ -611,7 +612,9 @@ class DetectorConfig:
         _check(len(self.persistence) > 0 and all(m >= 1 for m in self.persistence), "detector.persistence",
                self.persistence, "a non-empty list of integers >= 1")
         _check(self.miss_cost > 0, "detector.miss_cost", self.miss_cost, "> 0")
-        _check(self.margin >= 0, "detector.margin", self.margin, ">= 0")
+        _check(len(self.miss_costs) > 0 and all(c > 0 for c in self.miss_costs), "detector.miss_costs",
+               self.miss_costs, "a non-empty list of numbers > 0")
+        _check(self.bootstrap_draws >= 100, "detector.bootstrap_draws", self.bootstrap_draws, ">= 100")
 
 
 @dataclass
@@ -631,8 +634,14 @@ class StudyConfig:
     eval_engine: Engine = Engine.hf
     eval_items: int = 600
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    # where the small result tables go (CSV); the Markdown beside it (<findings_dir>.md) gets its
+    # tables re-rendered between markers. null: none written
+    findings_dir: str | None = None
+    render_only: bool = False  # re-render <findings_dir>.md from the CSVs alone: no training, no sweep
 
     def __post_init__(self) -> None:
+        _check(not self.render_only or bool(self.findings_dir), "render_only", self.render_only,
+               "false unless findings_dir is set")
         self.eval_engine = _choice(Engine, self.eval_engine, "eval_engine")
         _check(all(z.dir for z in self.extra_zoos), "extra_zoos", [z.name for z in self.extra_zoos if not z.dir],
                "a dir for every extra zoo (a zoo trained elsewhere)")
