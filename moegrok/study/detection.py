@@ -197,7 +197,7 @@ def evaluate_detectors(contrast: pd.DataFrame, truth: pd.DataFrame, cfg: StudyCo
         splits.update({f"family: {name}": family == name for name in sorted(set(family))})
     cache: dict = {}
     tables: dict[str, list[pd.DataFrame]] = {"detector": [], "comparisons": [], "sensitivity": [],
-                                              "sensitivity_comparisons": []}
+                                              "sensitivity_comparisons": [], "calibrated_rules": []}
     for miss_cost in sorted({cfg.detector.miss_cost, *cfg.detector.miss_costs}):
         detections = lozo_detections(contrast, scored, cfg, miss_cost=miss_cost, cache=cache)
         summary, compared = score_tables(detections, scored, splits, miss_cost=miss_cost,
@@ -205,6 +205,7 @@ def evaluate_detectors(contrast: pd.DataFrame, truth: pd.DataFrame, cfg: StudyCo
         if miss_cost == cfg.detector.miss_cost:
             tables["detector"].append(summary)
             tables["comparisons"].append(compared)
+            tables["calibrated_rules"] = [shipped_rules(scored, cache, detections, cfg)]
         keep = summary["headline"] | (summary["form"] == "baseline")
         tables["sensitivity"].append(summary[keep])
         if len(compared):
@@ -214,6 +215,41 @@ def evaluate_detectors(contrast: pd.DataFrame, truth: pd.DataFrame, cfg: StudyCo
     out["detector"] = out["detector"].assign(variants_tried=len(variants))
     out["groups_scored"] = truth
     return out
+
+
+SHIPPED = (("detector: pathway distance vs the other groups", "pathway_distance", "others"),
+           ("training loss, same rule", TRAINING_LOSS, "others"), ("step only", STEP_MEAN, "baseline"))
+
+
+def shipped_rules(scored: Scored, cache: dict, detections: dict, cfg: StudyConfig) -> pd.DataFrame:
+    """calibrated_rules.csv (moegrok/analysis/verdicts.py): each shipped rule fitted on every zoo,
+    with its error rates measured leave one zoo out."""
+    grid = threshold_grid(cfg.detector.z_thresholds, cfg.detector.persistence)
+    everything = np.ones(len(scored.keys), dtype=bool)
+    rows = []
+    for name, metric, form in SHIPPED:
+        if (metric, form) not in detections:
+            continue
+        onset, alarm, _ = detections[metric, form]
+        counts = outcome_counts(scored, onset, alarm, everything)
+        if form == "baseline":
+            grokking = scored.grokking
+            if not grokking.any():
+                continue
+            rule = dict(metric=TRAINING_LOSS, form="others", kind="constant",
+                        threshold=float(scored.accuracy_onset[grokking].mean()), persistence=1)
+        else:
+            costs = [scored.costs(o, a, miss_cost=cfg.detector.miss_cost).mean() for o, a in cache[metric, form]]
+            best = min(sorted(range(len(grid)), key=lambda i: (-grid[i].threshold, -grid[i].persistence)),
+                       key=lambda i: costs[i])
+            rule = dict(metric=metric, form=form, kind="threshold", threshold=grid[best].threshold,
+                        persistence=grid[best].persistence)
+        rows.append({"name": name, **rule,
+                     "false_alarm_rate": counts["false_alarms"] / max(counts["negatives"], 1),
+                     "miss_rate": counts["misses"] / max(counts["grokking"], 1), "onset_mae": counts["onset_mae"],
+                     "scored_groups": counts["groups"], "zoos": len(scored.zoos), "miss_cost": cfg.detector.miss_cost,
+                     "source": "moegrok study (docs/findings.md): toy zoos, error rates leave one zoo out"})
+    return pd.DataFrame(rows)
 
 
 def study_tables(cfg: StudyConfig, zoos: pd.DataFrame) -> dict[str, pd.DataFrame]:

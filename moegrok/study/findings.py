@@ -6,7 +6,8 @@ Tables: zoos.csv (one row per zoo), groups.csv (one per group: status, onsets, s
 not), main.csv (headline rows and baselines, every split, at `detector.miss_cost`),
 comparisons.csv (each headline rule's cost difference against each baseline, interval, verdict),
 sensitivity.csv (the headline differences at every miss cost), variants.csv (every variant on all
-zoos, for the count and the spread of what was tried).
+zoos, for the count and the spread of what was tried), calibrated_rules.csv (the rules a sweep's
+verdicts use; copied to moegrok/analysis/calibrated_rules.csv when the study is adopted).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def findings_tables(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         "variants": detector[(detector["split"] == "all") & (detector["form"] != "baseline")]
         .sort_values("cost")[["detector", "form", "headline", "knowledge", *COUNT_COLUMNS, "cost", "cost_low",
                               "cost_high", "variants_tried"]],
+        "calibrated_rules": tables["calibrated_rules"],
     }
 
 

@@ -118,6 +118,6 @@ def test_intervals_and_verdicts_separate_better_worse_and_no_evidence():
     assert table.loc[("tracker", "time"), "verdict"] == "better than"
     assert table.loc[("time", "tracker"), "verdict"] == "worse than"
     assert verdict(-5.0, 3.0) == "no evidence either way"
-    step_onset, step_alarm, chosen = step_only_lozo(scored, by_group)
+    _, step_alarm, chosen = step_only_lozo(scored, by_group)
     assert chosen["a"] == "onset at step 512.5"  # b's and c's mean onset: the held-out zoo is not used
     assert np.isfinite(step_alarm).sum() == len(scored.keys)  # it fires wherever training reaches the step

@@ -66,6 +66,8 @@ def test_detector_evaluation_against_the_baselines():
     sensitivity = tables["sensitivity"]
     assert set(sensitivity["miss_cost"]) == {100.0, 200.0, 300.0, 400.0, 600.0}
     assert tables["detector"]["variants_tried"].iloc[0] == 3 * 4  # 3 metrics x 4 forms
+    rules = tables["calibrated_rules"].set_index("name")
+    assert rules.loc["step only", "kind"] == "constant" and rules.loc["training loss, same rule", "kind"] == "threshold"
 
 
 def test_trajectory_noise_keeps_a_jittery_null_quiet():
@@ -127,7 +129,8 @@ def test_study_smoke_config_runs_end_to_end(tmp_path, ray_cluster):
     assert "Detectors vs baselines" in page and "Between-group contrast" in page
     assert (out / "tiny-s0" / "report.html").exists() and (out / "tiny-s0" / "contrast.parquet").exists()
     assert {p.name for p in findings.glob("*.csv")} == {"zoos.csv", "groups.csv", "main.csv", "comparisons.csv",
-                                                        "sensitivity.csv", "variants.csv"}
+                                                        "sensitivity.csv", "variants.csv",
+                                                        "calibrated_rules.csv"}
     text = (tmp_path / "findings.md").read_text()
     assert "prose kept" in text and "always silent (baseline)" in text
 
