@@ -10,7 +10,9 @@ group's operation with the intermediate results given, "a + b = x ; b + x = y ; 
 
 A `canary` group keeps its op's prompts but answers each with a random residue, fixed per sample
 and drawn with `data.seed`: the model can memorize it and can never generalize it, so it is a
-control known before training (no held-out accuracy needed to choose it).
+control known before training (no held-out accuracy needed to choose it). Give it an op no other
+group has: on another group's prompts its random answers contradict that group's, and neither
+memorizes (with the canary on `add`'s prompts, both stayed at train accuracy ~0.72).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def test_canary_answers_are_random_fixed_per_sample_and_seeded():
     groups = [ToyGroupConfig("add", "add", 0.6), ToyGroupConfig("canary", "add", 0.6, canary=True)]
     first = make_examples(ToyDataConfig(p=23, groups=groups))
     canary, add = first[first["group"] == "canary"], first[first["group"] == "add"]
-    assert canary["prompt"].tolist() == add["prompt"].tolist()  # the same template and length
+    assert canary["prompt"].tolist() == add["prompt"].tolist()  # the op's prompts, random answers
     assert (canary["answer"].to_numpy() == add["answer"].to_numpy()).mean() < 0.15  # ~1/23 by chance
     assert canary["answer"].between(0, 22).all() and canary["answer"].nunique() > 15
     pd.testing.assert_frame_equal(first, make_examples(ToyDataConfig(p=23, groups=groups)))
