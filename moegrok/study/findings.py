@@ -78,6 +78,26 @@ def _interval(mean: float, low: float, high: float) -> str:
     return f"{mean:.0f} [{low:.0f}, {high:.0f}]"
 
 
+SHORT = {"step only": "step only", "training-loss spike": "loss spike", "always silent": "silent",
+         "loss_mean": "training loss (same rule, form)"}
+
+
+WORD = {"better than": "**better**", "worse than": "**worse**", "no evidence either way": "no evidence"}
+
+
+def _short(baseline: str) -> str:
+    return next((short for key, short in SHORT.items() if baseline.startswith(key)), baseline)
+
+
+def comparison_grid(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per (detector, form), one column per baseline: "difference [low, high] verdict"."""
+    cells = rows.assign(baseline=rows["baseline"].map(_short), cell=[
+        f"{_interval(d, lo, hi)} {WORD[v]}" for d, lo, hi, v in zip(rows["difference"], rows["diff_low"],
+                                                               rows["diff_high"], rows["verdict"], strict=True)])
+    grid = cells.pivot_table(index=["detector", "form"], columns="baseline", values="cell", aggfunc="first")
+    return grid.reset_index()
+
+
 def render_tables(found: dict[str, pd.DataFrame]) -> str:
     """The Findings' tables, from the committed CSVs."""
     zoos, groups, main = found["zoos"], found["groups"], found["main"]
@@ -94,11 +114,9 @@ def render_tables(found: dict[str, pd.DataFrame]) -> str:
                   _md(shown[["detector", "form", "grokking", "negatives", "detected", "false_alarms", "leads",
                              "onset_mae", "mean_delay", "cost"]]), ""]
     compared = found["comparisons"]
-    if len(compared):
-        shown = compared.assign(difference=[_interval(*v) for v in zip(
-            compared["difference"], compared["diff_low"], compared["diff_high"], strict=True)])
-        parts += ["Cost difference (rule - baseline; negative = the rule is cheaper) and verdict:", "",
-                  _md(shown[["split", "detector", "form", "baseline", "difference", "verdict"]]), ""]
+    for split, rows in (compared.groupby("split", sort=False) if len(compared) else ()):
+        parts += [f"**{split}**: cost difference, rule - baseline (negative: the rule is cheaper) "
+                  "[95% interval] and verdict:", "", _md(comparison_grid(rows)), ""]
     sensitivity = found.get("sensitivity")
     if sensitivity is not None and len(sensitivity):
         counts = (sensitivity[sensitivity["split"] == "all"].groupby(["miss_cost", "verdict"]).size()
