@@ -95,12 +95,13 @@ def group_weights(num_samples: dict[str, int], *, num_draws: int, seed: int) -> 
 
 
 def group_contrasts(series: dict[str, GroupSeries], steps: np.ndarray, memorization: dict[str, float], *,
-                    metric: str, control: str | None, num_draws: int = 200, seed: int = 0) -> pd.DataFrame:
+                    metric: str, control: str | None, num_draws: int = 200, seed: int = 0,
+                    exclude: str | None = None) -> pd.DataFrame:
     """Contrast rows of one metric: every group with a memorization step, every checkpoint from it
     on. `series`: per group, the metric's per-sample values at `steps` (moegrok/metrics/series.py)."""
     weights = group_weights({g: s.num_samples for g, s in series.items()}, num_draws=num_draws, seed=seed)
     stats_BC = {group: statistic(series[group], weights[group]) for group in series}
-    return statistic_contrasts(stats_BC, steps, memorization, metric=metric, control=control)
+    return statistic_contrasts(stats_BC, steps, memorization, metric=metric, control=control, exclude=exclude)
 
 
 def statistic_contrasts(stats_BC: dict[str, np.ndarray], steps: np.ndarray, memorization: dict[str, float], *,
