@@ -1,8 +1,9 @@
 """The science study: toy zoos trained and swept end to end; the between-group contrast and a
-detector calibrated on some zoos and evaluated on the others, against trivial baselines.
+detector scored leave one zoo out with bootstrap intervals, against baselines told the same.
 Resumable: finished zoos and sweep units are skipped.
 
-    python jobs/study.py                               # the full design (conf/study.yaml)
+    python jobs/study.py findings_dir=docs/findings    # the design (conf/study.yaml) + committed CSVs
+    python jobs/study.py render_only=true findings_dir=docs/findings   # re-render docs/findings.md
     python jobs/study.py --config-name study_smoke     # 2 tiny zoos (the test suite)
 """
 
