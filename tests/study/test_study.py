@@ -128,6 +128,8 @@ def test_study_smoke_config_runs_end_to_end(tmp_path, ray_cluster):
     page = (out / "study.html").read_text()
     assert "Detectors vs baselines" in page and "Between-group contrast" in page
     assert (out / "tiny-s0" / "report.html").exists() and (out / "tiny-s0" / "contrast.parquet").exists()
+    verdicts = pd.read_parquet(out / "tiny-s0" / "verdicts.parquet")  # the shipped rules, per group
+    assert set(verdicts["group"]) == {"add", "sub", "canary"} and verdicts["verdict"].notna().all()
     assert {p.name for p in findings.glob("*.csv")} == {"zoos.csv", "groups.csv", "main.csv", "comparisons.csv",
                                                         "sensitivity.csv", "variants.csv",
                                                         "calibrated_rules.csv"}
