@@ -1,8 +1,9 @@
 """The science study: toy zoos trained and swept end to end; the between-group contrast and a
-detector calibrated on some zoos and evaluated on the others, against trivial baselines.
+detector scored leave one zoo out with bootstrap intervals, against baselines told the same.
 Resumable: finished zoos and sweep units are skipped.
 
-    python jobs/study.py                               # the full design (conf/study.yaml)
+    python jobs/study.py findings_dir=docs/findings    # the design (conf/study.yaml) + committed CSVs
+    python jobs/study.py render_only=true findings_dir=docs/findings   # re-render docs/findings.md
     python jobs/study.py --config-name study_smoke     # 2 tiny zoos (the test suite)
 """
 
@@ -22,6 +23,14 @@ exit_statuses: list[int] = []  # hydra.main drops return values
 
 def study(cfg: DictConfig) -> int:
     config: StudyConfig = OmegaConf.to_object(cfg)
+    if config.render_only:
+        from pathlib import Path
+
+        from moegrok.study.findings import render_into
+
+        render_into(Path(config.findings_dir).with_suffix(".md"), Path(config.findings_dir))
+        print(f"re-rendered {Path(config.findings_dir).with_suffix('.md')} from {config.findings_dir}/*.csv")
+        return 0
     print(headline_summary(run_study(config), cfg=config))
     print(f"tables (*.parquet) and study.html in {config.out_dir}")
     return 0

@@ -137,6 +137,16 @@ class ToyGroupConfig:
     name: str = MISSING
     op: ToyOperation = ToyOperation.add
     train_fraction: float = 0.5
+    # a canary: the op's prompts with random answers, fixed per sample and drawn with data.seed;
+    # memorizable, never generalizable: a control known before training (docs/own-run.md)
+    canary: bool = False
+
+
+class ToyForm(StrEnum):
+    """How a toy sample is written (moegrok.toy.data)."""
+
+    plain = "plain"  # "a + b =" -> c: 5 tokens with the answer
+    chain = "chain"  # "a + b = x ; b + x = y ; x + y =" -> z: three steps, intermediates written, 18 tokens
 
 
 @dataclass
@@ -150,8 +160,10 @@ class ToyDataConfig:
         ]
     )
     seed: int = 0
+    form: ToyForm = ToyForm.plain
 
     def __post_init__(self) -> None:
+        self.form = _choice(ToyForm, self.form, "data.form")
         _check(_is_prime(self.p), "data.p", self.p, "a prime number")
         _check(len(self.groups) > 0, "data.groups", self.groups, "at least one group")
         names = [g.name for g in self.groups]
@@ -592,8 +604,9 @@ class SweepConfig:
 
 
 class ZooRole(StrEnum):
-    calibration = "calibration"  # the detector's free parameters are fitted here
-    evaluation = "evaluation"  # never used for calibration
+    # informational only: every zoo is evaluated with the rules calibrated on all the others
+    calibration = "calibration"
+    evaluation = "evaluation"
 
 
 @dataclass
@@ -620,8 +633,9 @@ class DetectorConfig:
     persistence: list[int] = field(default_factory=lambda: [1, 2, 3])
     # a training-loss rise (nats) above its running minimum since memorization
     spike_loss_rises: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1.0, 2.0])
-    miss_cost: float = 300.0  # steps charged for a miss or a false alarm
-    margin: float = 50.0  # a detector beats a baseline only if its cost is lower by this much (one checkpoint)
+    miss_cost: float = 300.0  # steps charged for a miss or a false alarm (the main table)
+    miss_costs: list[float] = field(default_factory=lambda: [100.0, 200.0, 300.0, 400.0, 600.0])  # sensitivity
+    bootstrap_draws: int = 2000  # draws over scored groups for every cost's and difference's interval
 
     def __post_init__(self) -> None:
         for key in ("z_thresholds", "spike_loss_rises"):
@@ -631,7 +645,9 @@ class DetectorConfig:
         _check(len(self.persistence) > 0 and all(m >= 1 for m in self.persistence), "detector.persistence",
                self.persistence, "a non-empty list of integers >= 1")
         _check(self.miss_cost > 0, "detector.miss_cost", self.miss_cost, "> 0")
-        _check(self.margin >= 0, "detector.margin", self.margin, ">= 0")
+        _check(len(self.miss_costs) > 0 and all(c > 0 for c in self.miss_costs), "detector.miss_costs",
+               self.miss_costs, "a non-empty list of numbers > 0")
+        _check(self.bootstrap_draws >= 100, "detector.bootstrap_draws", self.bootstrap_draws, ">= 100")
 
 
 @dataclass
@@ -651,16 +667,20 @@ class StudyConfig:
     eval_engine: Engine = Engine.hf
     eval_items: int = 600
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    # where the small result tables go (CSV); the Markdown beside it (<findings_dir>.md) gets its
+    # tables re-rendered between markers. null: none written
+    findings_dir: str | None = None
+    render_only: bool = False  # re-render <findings_dir>.md from the CSVs alone: no training, no sweep
 
     def __post_init__(self) -> None:
+        _check(not self.render_only or bool(self.findings_dir), "render_only", self.render_only,
+               "false unless findings_dir is set")
         self.eval_engine = _choice(Engine, self.eval_engine, "eval_engine")
         _check(all(z.dir for z in self.extra_zoos), "extra_zoos", [z.name for z in self.extra_zoos if not z.dir],
                "a dir for every extra zoo (a zoo trained elsewhere)")
         keys = [(z.name, seed) for z in [*self.zoos, *self.extra_zoos] for seed in z.seeds]
         _check(len(set(keys)) == len(keys), "zoos", keys, "unique (name, seed) pairs")
-        roles = {z.role for z in self.zoos}
-        _check(not self.zoos or roles == set(ZooRole), "zoos", sorted(roles),
-               "at least one calibration and one evaluation zoo")
+        _check(len(keys) != 1, "zoos", keys, "at least two zoos (each is calibrated on the others)")
         _check(all(0.0 < t < 1.0 for t in self.weight_shares) and self.weight_shares, "weight_shares",
                self.weight_shares, "a non-empty list of numbers in (0, 1)")
         _check(self.samples_per_group > 0, "samples_per_group", self.samples_per_group, "> 0")

@@ -745,6 +745,7 @@ class RunDir:
         self.correlations = self.root / "correlations.parquet"
         self.onsets = self.root / "onsets.parquet"
         self.contrast = self.root / "contrast.parquet"  # between-group contrast (moegrok/analysis/contrast.py)
+        self.verdicts = self.root / "verdicts.parquet"  # the calibrated rules' claims (moegrok/analysis/verdicts.py)
         self.failures = self.root / "failures.parquet"
         self.stages = self.root / "stages.parquet"  # the last invocation's per-stage summary
         self.report = self.root / "report.html"

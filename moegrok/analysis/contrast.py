@@ -103,18 +103,20 @@ def group_weights(num_samples: dict[str, int], *, num_draws: int, seed: int) -> 
 
 
 def group_contrasts(series: dict[str, GroupSeries], steps: np.ndarray, memorization: dict[str, float], *,
-                    metric: str, control: str | None, num_draws: int = 200, seed: int = 0) -> pd.DataFrame:
+                    metric: str, control: str | None, num_draws: int = 200, seed: int = 0,
+                    exclude: str | None = None) -> pd.DataFrame:
     """Contrast rows of one metric: every group with a memorization step, every checkpoint from it
     on. `series`: per group, the metric's per-sample values at `steps` (moegrok/metrics/series.py)."""
     weights = group_weights({g: s.num_samples for g, s in series.items()}, num_draws=num_draws, seed=seed)
     stats_BC = {group: statistic(series[group], weights[group]) for group in series}
-    return statistic_contrasts(stats_BC, steps, memorization, metric=metric, control=control)
+    return statistic_contrasts(stats_BC, steps, memorization, metric=metric, control=control, exclude=exclude)
 
 
 def statistic_contrasts(stats_BC: dict[str, np.ndarray], steps: np.ndarray, memorization: dict[str, float], *,
-                        metric: str, control: str | None) -> pd.DataFrame:
+                        metric: str, control: str | None, exclude: str | None = None) -> pd.DataFrame:
     """Contrast rows from each group's metric under every draw (draws + 1, checkpoints), draw 0 the
-    metric itself (`statistic`)."""
+    metric itself (`statistic`). `exclude` (the control, in the `others` mode) is left out of the
+    other groups' mean of every group but itself."""
     if control is not None and control not in stats_BC:
         raise ValueError(f"analysis.control={control!r}: no such group (groups: {sorted(stats_BC)})")
     groups = sorted(stats_BC)
@@ -127,8 +129,9 @@ def statistic_contrasts(stats_BC: dict[str, np.ndarray], steps: np.ndarray, memo
         change_BC = _changes(stats_BC[group], start)
         if control is not None and group != control:
             reference, others = control, [control]
-        else:
-            reference, others = CONTROL_MEAN, [g for g in groups if g != group]
+        else:  # the others' mean leaves out the control (a canary): it is a reference of its own
+            reference, others = CONTROL_MEAN, [g for g in groups if g not in (group, exclude)] or [
+                g for g in groups if g != group]
         reference_BC = (np.mean([_changes(stats_BC[g], start) for g in others], axis=0) if others
                         else np.full_like(change_BC, np.nan))
         did_BC = change_BC - reference_BC
@@ -265,11 +268,53 @@ def run_contrasts(run: RunDir, memorization: dict[str, float], *, control: str |
         stats_BC = {group: np.concatenate(columns_B1, axis=1)[:, order] for group, columns_B1 in per_group.items()}
         for mode in MODES if control is not None else MODES[1:]:
             frame = statistic_contrasts(stats_BC, steps, memorization, metric=metric,
-                                        control=control if mode == "control" else None)
+                                        control=control if mode == "control" else None, exclude=control)
             frames.append(frame.assign(mode=mode))
     diffs_CP = med_diffs(run, by_step)
     if diffs_CP is not None:
         frames.append(model_wide_contrasts(diffs_CP, steps, memorization, metric="med",
                                            num_draws=num_draws, seed=seed).assign(mode="self"))
-    table = pd.concat(frames, ignore_index=True)
+    table = with_trajectory_noise(pd.concat(frames, ignore_index=True))
     return table[["mode", *[c for c in table.columns if c != "mode"]]]
+
+
+def trajectory_se(values: np.ndarray) -> np.ndarray:
+    """Causal run noise of a series from its first value (t0) on: at index c, the standard deviation
+    (ddof 1) of its increments over indices 1..c; NaN before two increments. A series that only
+    jitters from checkpoint to checkpoint by s has increments of spread s*sqrt(2), the spread of its
+    change since t0, so this is the run's noise on a change; a steady trend has small increments."""
+    values = np.asarray(values, dtype=float)
+    out = np.full(len(values), np.nan)
+    increments = np.diff(values)
+    for c in range(2, len(values)):
+        seen = increments[:c]
+        seen = seen[np.isfinite(seen)]
+        if len(seen) >= 2:
+            out[c] = float(np.std(seen, ddof=1))
+    return out
+
+
+def with_trajectory_noise(table: pd.DataFrame) -> pd.DataFrame:
+    """`z` and `self_z` against both noises: the sample bootstrap's se and the run's own trajectory
+    noise (`trajectory_se` of did, resp. change, since memorization), combined in quadrature
+    (`z_samples`, `self_z_samples` keep the bootstrap-only values). The interval covers resampling
+    the recorded samples and checkpoint-to-checkpoint jitter of this run; not other seeds."""
+    if table.empty or "did" not in table:
+        return table
+    keys = [k for k in ("zoo", "mode", "metric", "group") if k in table]
+    table = table.sort_values([*keys, "step"], kind="stable").reset_index(drop=True)
+    out = table.copy()
+    out["z_samples"], out["self_z_samples"] = table["z"], table["self_z"]
+    trajectory = np.full(len(table), np.nan)
+    self_trajectory = np.full(len(table), np.nan)
+    for _, index in table.groupby(keys, sort=False).indices.items():
+        trajectory[index] = trajectory_se(table["did"].to_numpy()[index])
+        self_trajectory[index] = trajectory_se(table["change"].to_numpy()[index])
+    out["trajectory_se"], out["self_trajectory_se"] = trajectory, self_trajectory
+    sign = table["direction"].to_numpy(float)
+    se = np.hypot(table["se"].to_numpy(float), trajectory)
+    self_se = np.hypot(table["self_se"].to_numpy(float), self_trajectory)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["z"] = np.where((se > 0) & (sign != 0), sign * table["did"].to_numpy(float) / se, np.nan)
+        out["self_z"] = np.where((self_se > 0) & (sign != 0), sign * table["change"].to_numpy(float) / self_se, np.nan)
+    return out

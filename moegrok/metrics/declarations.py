@@ -17,9 +17,14 @@ from __future__ import annotations
 
 DIRECTIONS = {
     # the paper (arXiv 2506.21551): pathways of a generalizing group become more shared (distance
-    # falls) and consecutive layers' routing more aligned (cosine, consistency rise)
+    # falls) and smoother across layers: consecutive layers' routing more aligned (mean cosine rises)
+    # and the consecutive cosines more uniform, so C = 1 - mean_l c_l / max_l c_l falls toward 0 (the
+    # paper's prose: a higher C is "more erratic"; its abstract: pathways move from "non-smooth across
+    # layers" to "more structured"). Its Table 1 correlates C positively with accuracy, against its own
+    # definition and prose; the declaration follows the definition and the stated hypothesis, never a
+    # correlation with accuracy (docs/metrics.md)
     "pathway_distance": -1, "pathway_distance_chars": -1, "pathway_distance_norm": -1, "pathway_length": -1,
-    "mean_cos": 1, "mean_cos_median": 1, "consistency": 1, "consistency_median": 1,
+    "mean_cos": 1, "mean_cos_median": 1, "consistency": -1, "consistency_median": -1,
     # Gu et al.: the embedding space becomes uniform (MED falls) as the model generalizes
     "med": -1, "med_cyclic": -1,
     # the trivial baselines: loss falls, step rises

@@ -1,5 +1,6 @@
-"""Analyze stage: contrast.parquet from the training side alone and, with accuracy,
-correlations.parquet and onsets.parquet; one unit, skipped when its outputs hold the current inputs."""
+"""Analyze stage: contrast.parquet and verdicts.parquet (the study's calibrated rules on this run)
+from the training side alone and, with accuracy, correlations.parquet and onsets.parquet; one unit,
+skipped when its outputs hold the current inputs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 
 from moegrok.analysis.contrast import run_contrasts
 from moegrok.analysis.correlations import analyze
+from moegrok.analysis.verdicts import calibrated_rules, run_verdicts
 from moegrok.config import SweepConfig, config_yaml
 from moegrok.metrics.memorization import causal_memorization
 from moegrok.pipeline.executor import StageResult
@@ -26,7 +28,7 @@ def analyze_stage(cfg: SweepConfig, run: RunDir) -> StageResult:
     tags = {"metrics": reduce_tags.pop(), "accuracy": read_tags(run.accuracy).get("evaluate"),
             "analysis": dataclasses.asdict(cfg.analysis), "config": config_yaml(cfg)}
     inputs = {key: tags[key] for key in ("metrics", "accuracy", "analysis")}
-    outputs = [run.contrast, *((run.correlations, run.onsets) if run.accuracy.exists() else ())]
+    outputs = [run.contrast, run.verdicts, *((run.correlations, run.onsets) if run.accuracy.exists() else ())]
     if all(read_tags(path).get("inputs") == fingerprint(inputs) for path in outputs):
         return StageResult("analyze", units=1, skipped=1)
     metrics, memorized = read_parquet(run.metrics), read_parquet(run.memorized)
@@ -37,6 +39,7 @@ def analyze_stage(cfg: SweepConfig, run: RunDir) -> StageResult:
     if len(contrast):  # how each group's start was found, for the report to say
         contrast["memorization_rule"] = contrast["group"].map({group: rule for group, (_, rule) in starts.items()})
     write_parquet(contrast, run.contrast, tags=tags)
+    write_parquet(run_verdicts(contrast, calibrated_rules()), run.verdicts, tags=tags)
     if run.accuracy.exists():
         correlations, onsets = analyze(
             metrics, read_parquet(run.accuracy), memorized, sample_set=cfg.analysis.sample_set,

@@ -74,6 +74,12 @@ def _run_stages(cfg: SweepConfig, run: RunDir, stages: list[Stage], inputs: Inpu
             print(correlation_summary(correlations).to_string(index=False))
             onsets = read_parquet(run.onsets) if run.onsets.exists() else None
             print("\n".join(verdicts(correlations, onsets)))
+    if run.verdicts.exists() and Stage.report in stages:
+        from moegrok.analysis.verdicts import verdict_lines
+
+        lines = verdict_lines(pd.read_parquet(run.verdicts))
+        if lines:
+            print("\nWhat the study's calibrated rules say (training side only):\n" + "\n".join(lines))
     if cfg.cluster.sync_uri:
         sync(run, cfg.cluster.sync_uri)
     return _say_what_failed(run, results)

@@ -354,12 +354,25 @@ def _correlations_section(tables: RunTables) -> list[str]:
             "after the sustained rise.</p>", table(shown[columns])]
 
 
+def _calibrated_section(verdicts: pd.DataFrame | None) -> list[str]:
+    """What the study's calibrated rules claim per group, beside their held-out error rates."""
+    if verdicts is None or verdicts.empty:
+        return []
+    shown = verdicts[["group", "rule", "verdict", "alarm_step", "false_alarm_rate", "miss_rate", "onset_mae",
+                      "scored_groups", "source"]]
+    return ["<h2>Calibrated verdicts</h2><p>Each rule's claim on this run (training side only), beside how often "
+            "such claims were wrong on the study's toy zoos, held out (docs/findings.md): false-alarm rate among "
+            "groups that never generalized, miss rate among grokking groups, mean |onset error| in steps. Measured "
+            "on toy zoos: a reference, not a guarantee.</p>", table(shown)]
+
+
 def write_report(run_dir: str | Path) -> Path:
     """report.html and figures/ of a run directory, from its stored tables."""
     tables = RunTables.read(RunDir(run_dir))
     parts = [*_header(tables), *_onsets_section(tables),
              *contrast_section(_read(tables.run.contrast), tables.onsets, tables.run.figures),
-             *_verdict_section(tables), *_curves_section(tables), *_med_section(tables),
+             *_calibrated_section(_read(tables.run.verdicts)), *_verdict_section(tables),
+             *_curves_section(tables), *_med_section(tables),
              *_routing_section(tables.run, tables.onsets), *_correlations_section(tables),
              "<h2>Failures</h2>" + (table(tables.failures.drop(columns=["stack"], errors="ignore"))
                                     if tables.failures is not None else "<p>none</p>"),

@@ -8,21 +8,19 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from moegrok.analysis.calibration import LOSS_SPIKE, SILENT, headline_form
+from moegrok.analysis.calibration import LOSS_SPIKE, SILENT, STEP_MEAN, headline_form
 from moegrok.config import StudyConfig
 from moegrok.report.pages import page, png, table
 
-SHOWN = ["detector", "form", "rule", "grokking_groups", "detected", "misses", "onset_mae", "onset_bias",
-         "mean_delay", "negative_groups", "false_alarms", "never_zoos_with_alarm", "cost", "beats_step",
-         "beats_training_loss", "beats_loss_spike", "beats_silence", "beats_all_baselines"]
+SHOWN = ["split", "detector", "form", "knowledge", "grokking", "negatives", "detected", "misses", "false_alarms",
+         "leads", "median_lead", "onset_mae", "mean_delay", "cost", "cost_low", "cost_high", "rules_chosen"]
 STATUS_COLOURS = {"grokking": "C0", "never": "C3", "no_lag": "C2"}
 
 
-def detector_table(detector: pd.DataFrame, split: str, *, form: str) -> pd.DataFrame:
-    """The rows of one split: the headline form's detectors, then the baselines."""
-    rows = detector[(detector["split"] == split) & (detector["form"].isin([form, "baseline"]))]
-    return rows.sort_values(["form", "cost"], key=lambda c: c.map({"baseline": 1}).fillna(0) if c.name == "form"
-                            else c)[SHOWN]
+def detector_table(detector: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of one split: the headline rows, then the baselines."""
+    rows = detector[(detector["split"] == split) & (detector["headline"] | (detector["form"] == "baseline"))]
+    return rows.sort_values(["headline", "cost"], ascending=[False, True])[SHOWN]
 
 
 def contrast_counts(summary: pd.DataFrame) -> pd.DataFrame:
@@ -51,36 +49,34 @@ def _contrast_figure(metric: str, contrast: pd.DataFrame, groups: pd.DataFrame):
 
 def write_study_report(tables: dict[str, pd.DataFrame], out: Path, *, cfg: StudyConfig) -> Path:
     form = headline_form(cfg.control)
-    detector, groups = tables["detector"], tables["groups"]
-    variants = detector[detector["form"] != "baseline"][["detector", "form"]].drop_duplicates()
+    detector, groups = tables["detector"], tables["groups_scored"]
     parts = ["<h1>moegrok study: detecting grokking from training samples alone</h1>",
-             "<h2>Zoos</h2><p>Calibration zoos fit the detectors' free parameters; evaluation zoos are never used "
-             "for that. collapse: a grokking group's train accuracy fell below 0.95 between its memorization and "
-             "held-out accuracy 0.9.</p>", table(tables["zoos"]),
-             "<h2>Groups (ground truth from held-out accuracy)</h2>",
-             table(groups[["zoo", "role", "group", "memorization_step", "accuracy_at_memorization",
-                           "generalization_onset", "final_accuracy", "status", "collapse"]])]
-    parts.append(f"<h2>Detector vs baselines (headline form: {html.escape(form)})</h2><p>Rule: z >= threshold at "
-                 "persistence consecutive checkpoints after memorization; onset = the checkpoint before. Costs: mean "
-                 f"per group of |onset error| (steps), {cfg.detector.miss_cost:g} per miss or false alarm; a detector "
-                 f"beats a baseline when its cost is lower by at least {cfg.detector.margin:g}. Baselines: three "
-                 "step-only rules (the calibration zoos' mean accuracy onset; a calibrated constant onset; a "
-                 "calibrated lag after memorization; beats_step compares with the best of them on each split), "
-                 f"the <b>training loss</b> under the same rule and form (row loss_mean), <b>{LOSS_SPIKE}</b>, and "
-                 f"<b>{SILENT}</b>. {len(variants)} detector variants (metric x form) were evaluated; the tables "
-                 "show the headline form, then every variant.</p>")
-    for split in ("evaluation: all", "evaluation: collapse", "evaluation: no collapse", "calibration (in-sample)"):
-        shown = detector_table(detector, split, form=form)
-        if len(shown):
-            parts.append(f"<h3>{html.escape(split)}</h3>" + table(shown))
-    parts.append("<h3>Every variant, evaluation zoos</h3>"
-                 + table(detector[detector["split"] == "evaluation: all"].sort_values("cost")[SHOWN]))
+             "<h2>Zoos</h2><p>Every zoo is scored with the rules calibrated on all the other zoos. collapse: a "
+             "grokking group's train accuracy fell below 0.95 between its memorization and held-out accuracy "
+             "0.9.</p>", table(tables["zoos"]),
+             "<h2>Groups (ground truth from held-out accuracy)</h2>", table(groups),
+             f"<h2>Detectors vs baselines (miss cost {cfg.detector.miss_cost:g})</h2><p>Rule: z >= threshold at "
+             "persistence consecutive checkpoints after memorization; onset = the checkpoint before. Cost per "
+             "scored group: |onset error| + delay after the accuracy onset (at most the miss cost), the miss cost "
+             "per miss or false alarm; intervals: bootstrap over scored groups. Every rule and baseline is told "
+             f"only never to fire in the canary. Baselines: <b>{STEP_MEAN}</b>, the <b>training loss</b> under the "
+             f"same rule and form (loss_mean), <b>{LOSS_SPIKE}</b>, <b>{SILENT}</b>. "
+             f"{int(detector['variants_tried'].iloc[0])} variants (metric x form) were tried.</p>"]
+    for split in detector["split"].unique():
+        parts.append(f"<h3>{html.escape(split)}</h3>" + table(detector_table(detector, split)))
+    compared = tables["comparisons"]
+    if len(compared):
+        parts.append("<h3>Headline cost differences against every baseline</h3>"
+                     + table(compared[compared["headline"]]))
+    parts.append("<h3>Miss-cost sensitivity (headline rows)</h3>" + table(tables["sensitivity_comparisons"]))
+    parts.append("<h3>Every variant, all zoos</h3>"
+                 + table(detector[detector["split"] == "all"].sort_values("cost")[SHOWN]))
     summary = tables["contrast_summary"]
     parts.append("<h2>Between-group contrast at the last checkpoint</h2><p>Counts of groups whose 95% bootstrap "
                  "interval lies on the declared side of 0, covers it, or lies against it, by ground-truth status "
                  f"(contrast form: {html.escape(form)}).</p>" + table(contrast_counts(summary)))
     contrast = tables["contrast"]
-    primary = contrast[(contrast["mode"] == form) & contrast["z"].notna()]
+    primary = contrast[(contrast["mode"] == ("control" if cfg.control else "others")) & contrast["z"].notna()]
     for metric, rows in primary.groupby("metric", sort=True):
         parts.append(png(_contrast_figure(metric, rows, groups), out / "figures" / f"study_contrast_{metric}.png"))
     study = tables.get("study")
@@ -89,8 +85,7 @@ def write_study_report(tables: dict[str, pd.DataFrame], out: Path, *, cfg: Study
             groups=("group", "size"), mean_spearman=("spearman", "mean"), mean_partial=("partial_spearman", "mean"),
             stars=("beats_baselines", "sum")).reset_index()
         parts.append("<h2>Per-group correlations after memorization (kept; flagged and corrected)</h2><p>Within one "
-                     "run the step is shared by every group, so these cannot separate a metric from time; stars "
-                     "follow the run report's rule (Benjamini-Hochberg per zoo, declared sign, monitors only).</p>"
+                     "run the step is shared by every group, so these cannot separate a metric from time.</p>"
                      + table(stars))
     path = out / "study.html"
     path.write_text(page("moegrok study", parts))
@@ -98,18 +93,20 @@ def write_study_report(tables: dict[str, pd.DataFrame], out: Path, *, cfg: Study
 
 
 def headline_summary(tables: dict[str, pd.DataFrame], *, cfg: StudyConfig) -> str:
-    """Plain text for the console: the zoos, the detector against the baselines per evaluation split
-    (headline form), and the contrast counts."""
-    form = headline_form(cfg.control)
-    columns = ["detector", "rule", "detected", "grokking_groups", "onset_mae", "mean_delay", "misses",
-               "false_alarms", "negative_groups", "cost", "beats_all_baselines"]
-    lines = ["zoos:", tables["zoos"][["zoo", "role", "collapse", "min_train_acc", "train_s", "sweep_s"]].to_string(
+    """Plain text for the console: the zoos, the headline rows and baselines per split, and each
+    headline rule's verdict against each baseline."""
+    columns = ["detector", "form", "detected", "grokking", "false_alarms", "negatives", "leads", "cost", "cost_low",
+               "cost_high"]
+    lines = ["zoos:", tables["zoos"][["zoo", "collapse", "min_train_acc", "train_s", "sweep_s"]].to_string(
         index=False, float_format=lambda x: f"{x:.2f}")]
-    for split in ("evaluation: collapse", "evaluation: no collapse", "evaluation: all"):
-        shown = detector_table(tables["detector"], split, form=form)
-        if len(shown):
-            lines += [f"\ndetector ({form}) vs baselines, {split}:",
-                      shown[columns].to_string(index=False, float_format=lambda x: f"{x:.0f}")]
-    lines += ["\ncontrast at the last checkpoint (groups by status):",
-              contrast_counts(tables["contrast_summary"]).to_string(index=False)]
+    for split in tables["detector"]["split"].unique():
+        shown = detector_table(tables["detector"], split)
+        lines += [f"\nheadline rows and baselines, {split} (every rule told only: never fire in the canary):",
+                  shown[columns].to_string(index=False, float_format=lambda x: f"{x:.0f}")]
+    compared = tables["comparisons"]
+    if len(compared):
+        lines += ["\nverdicts (rule - baseline cost, 95% interval):",
+                  compared[compared["headline"]][["split", "detector", "form", "baseline", "difference", "diff_low",
+                                                  "diff_high", "verdict"]].to_string(
+                      index=False, float_format=lambda x: f"{x:.0f}")]
     return "\n".join(lines)

@@ -157,4 +157,12 @@ def run_study(cfg: StudyConfig) -> dict[str, pd.DataFrame]:
     for name, frame in tables.items():
         write_parquet(frame, out / f"{name}.parquet")
     write_study_report(tables, out, cfg=cfg)
+    if cfg.findings_dir:
+        from moegrok.study.findings import render_into, write_findings
+
+        directory = Path(cfg.findings_dir)
+        write_findings(tables, directory)
+        markdown = directory.with_suffix(".md")
+        if markdown.exists():
+            render_into(markdown, directory)
     return tables

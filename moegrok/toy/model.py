@@ -7,7 +7,7 @@ from transformers import OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
 
 from moegrok.config import ToyModelConfig
 
-MAX_POSITIONS = 32  # the longest toy prompt + answer is 9 tokens
+MAX_POSITIONS = 32  # the longest toy prompt + answer: 9 tokens (plain), 22 (chain of muladd)
 
 
 def build_model(

@@ -1,16 +1,21 @@
 import numpy as np
 import pandas as pd
-import pytest
 
 from moegrok.analysis.calibration import (
-    calibrate,
-    constant_rule,
-    cost,
-    outcomes,
-    run_rule,
-    score,
+    Scored,
+    bootstrap_draws,
+    compare_costs,
+    group_costs,
+    interval,
+    leave_one_zoo_out,
+    outcome_counts,
+    rule_detections,
+    scored_groups,
+    series_by_group,
+    step_only_lozo,
+    verdict,
 )
-from moegrok.analysis.detector import Rule, RuleKind, threshold_grid
+from moegrok.analysis.detector import threshold_grid
 from moegrok.analysis.onsets import ground_truth
 
 STEPS = np.arange(0, 950, 50, dtype=float)
@@ -26,10 +31,9 @@ def synthetic_zoos(zoos: dict[str, dict[str, float | None]], signal, *, seed: in
         for group, accuracy_onset in groups.items():
             signals.append(pd.DataFrame({"zoo": zoo, "group": group, "step": STEPS,
                                          "value": signal(accuracy_onset, rng), "start_step": 100.0}))
-            truth.append({"zoo": zoo, "group": group, "role": "calibration" if zoo.startswith("cal") else "evaluation",
-                          "status": "grokking" if accuracy_onset is not None else "never",
+            truth.append({"zoo": zoo, "group": group, "status": "grokking" if accuracy_onset is not None else "never",
                           "accuracy_onset": np.nan if accuracy_onset is None else accuracy_onset,
-                          "collapse": False})
+                          "last_step": STEPS[-1], "checkpoint_every": 50.0})
     return pd.concat(signals, ignore_index=True), pd.DataFrame(truth)
 
 
@@ -44,8 +48,18 @@ def time_only(onset, rng):
     return (STEPS - 100) / 40 + rng.normal(0, 0.2, len(STEPS))
 
 
-ZOOS = {"cal-a": {"add": 400, "sub": 550, "mul": None}, "cal-b": {"add": 450, "sub": 600, "mul": None},
-        "eval-a": {"add": 300, "sub": 700, "mul": None}, "eval-never": {"add": None, "sub": None, "mul": None}}
+ZOOS = {"a": {"add": 400, "sub": 550, "mul": None, "canary": None},
+        "b": {"add": 450, "sub": 600, "mul": None, "canary": None},
+        "c": {"add": 300, "sub": 700, "mul": None, "canary": None},
+        "never": {"add": None, "sub": None, "mul": None, "canary": None}}
+
+
+def lozo(signal):
+    signals, truth = synthetic_zoos(ZOOS, signal)
+    scored = Scored(scored_groups(truth, canary="canary", persistence=3))
+    by_group = series_by_group(signals)
+    detections = [scored.align(rule_detections(by_group, rule)) for rule in GRID]
+    return scored, by_group, leave_one_zoo_out(scored, detections, GRID, miss_cost=300)
 
 
 def test_ground_truth_statuses():
@@ -54,62 +68,56 @@ def test_ground_truth_statuses():
     assert ground_truth(onsets).tolist() == ["grokking", "never", "no_lag"]
 
 
-def test_calibrated_tracker_finds_held_out_onsets_and_stays_silent_elsewhere():
-    signals, truth = synthetic_zoos(ZOOS, tracker)
-    rule, table = calibrate(signals, truth[truth["role"] == "calibration"], GRID, miss_cost=300)
-    assert len(table) == len(GRID)
-    result = outcomes(run_rule(signals, rule), truth[truth["role"] == "evaluation"])
-    numbers = score(result)
-    assert numbers["misses"] == 0 and numbers["false_alarms"] == 0 and numbers["never_zoos_with_alarm"] == 0
-    assert numbers["onset_mae"] == 0.0 and numbers["mean_delay"] == 50.0 * rule.persistence
+def test_canary_no_lag_and_late_onsets_are_not_scored():
+    truth = pd.DataFrame({"zoo": "z", "group": ["add", "sub", "mul", "canary", "div"],
+                          "status": ["grokking", "grokking", "no_lag", "never", "never"],
+                          "accuracy_onset": [400.0, 850.0, np.nan, np.nan, np.nan], "last_step": 900.0,
+                          "checkpoint_every": 50.0})
+    scored = scored_groups(truth, canary="canary", persistence=3)
+    assert scored["scored"].tolist() == [True, False, False, False, True]
+    assert scored["excluded"].str.startswith("censored").sum() == 1  # 850 is one checkpoint before the end
+    assert scored.loc[3, "excluded"].startswith("canary")
 
 
-def test_a_step_only_signal_does_not_pass():
-    """Calibrated on the same zoos, a signal that is only a function of time either fires in the
-    groups that never generalize or misses the ones that do; the tracker costs far less."""
-    evaluation = {k: v for k, v in ZOOS.items() if k.startswith("eval")}
-    costs = {}
-    for name, signal in (("tracker", tracker), ("time", time_only)):
-        signals, truth = synthetic_zoos(ZOOS, signal)
-        rule, _ = calibrate(signals, truth[truth["role"] == "calibration"], GRID, miss_cost=300)
-        result = outcomes(run_rule(signals, rule), truth[truth["zoo"].isin(evaluation)])
-        costs[name] = cost(result, miss_cost=300)
-        if name == "time":
-            assert score(result)["false_alarms"] + score(result)["misses"] >= 3
-    assert costs["tracker"] < costs["time"] / 4
+def test_cost_counts_onset_error_and_delay_and_caps_at_a_miss():
+    grokking = np.array([True, True, True, False, False])
+    onset = np.array([350.0, 400.0, np.nan, 500.0, np.nan])
+    alarm = np.array([450.0, 200.0, np.nan, 550.0, np.nan])
+    costs = group_costs(onset, alarm, np.full(5, 400.0), grokking, miss_cost=300)
+    # |error| 50 + delay 50; an alarm before the onset (a lead) costs its error 0; a miss; a false alarm; silence
+    assert costs.tolist() == [100.0, 0.0, 300.0, 300.0, 0.0]
+    late = group_costs(np.array([100.0]), np.array([900.0]), np.array([400.0]), np.array([True]), miss_cost=300)
+    assert late.tolist() == [300.0]
 
 
-def test_calibration_never_sees_the_evaluation_zoos():
-    """The calibrated rule and its cost table are the same whatever the evaluation zoos hold."""
-    signals, truth = synthetic_zoos(ZOOS, tracker)
-    calibration = truth[truth["role"] == "calibration"]
-    scrambled = signals.copy()
-    evaluation_rows = ~scrambled["zoo"].str.startswith("cal")
-    scrambled.loc[evaluation_rows, "value"] = np.random.default_rng(9).normal(0, 50, evaluation_rows.sum())
-    first, table_first = calibrate(signals, calibration, GRID, miss_cost=300)
-    second, table_second = calibrate(scrambled, calibration, GRID, miss_cost=300)
-    assert first == second
-    pd.testing.assert_frame_equal(table_first, table_second)
-    assert constant_rule(calibration) == Rule(RuleKind.constant, np.mean([400, 550, 450, 600]))
+def test_leave_one_zoo_out_tracker_finds_onsets_and_stays_silent_elsewhere():
+    scored, _, (onset, alarm, chosen) = lozo(tracker)
+    assert set(chosen) == {"a", "b", "c", "never"}
+    counts = outcome_counts(scored, onset, alarm, np.ones(len(scored.keys), dtype=bool))
+    assert counts["grokking"] == 6 and counts["negatives"] == 6  # the canary is not scored
+    assert counts["misses"] == 0 and counts["false_alarms"] == 0 and counts["onset_mae"] == 0.0
 
 
-def test_ties_go_to_the_more_conservative_rule_and_errors_name_the_problem():
-    signals, truth = synthetic_zoos({"cal": {"mul": None}}, lambda onset, rng: np.zeros(len(STEPS)))
-    rule, _ = calibrate(signals, truth, GRID, miss_cost=300)  # every rule is silent: all cost 0
-    assert rule == Rule(RuleKind.threshold, 16.0, 3)
-    with pytest.raises(ValueError, match="at least one zoo"):
-        calibrate(signals, truth.iloc[:0], GRID, miss_cost=300)
-    with pytest.raises(ValueError, match="grokking group"):
-        constant_rule(truth)
+def test_a_held_out_zoo_never_changes_its_own_rule():
+    """The rule applied to zoo c is the same whatever c's signals are."""
+    scored, by_group, (_, _, chosen) = lozo(tracker)
+    scrambled = {k: (s, -v * 7 if k[0] == "c" else v, t) for k, (s, v, t) in by_group.items()}
+    detections = [scored.align(rule_detections(scrambled, rule)) for rule in GRID]
+    assert leave_one_zoo_out(scored, detections, GRID, miss_cost=300)[2]["c"] == chosen["c"]
 
 
-def test_outcomes_count_misses_false_alarms_and_silent_groups():
-    truth = pd.DataFrame({"zoo": "z", "group": ["add", "sub", "mul"], "status": ["grokking", "grokking", "never"],
-                          "accuracy_onset": [400.0, 500.0, np.nan]})
-    detections = pd.DataFrame({"zoo": "z", "group": ["add", "mul"], "onset": [450.0, 300.0],
-                               "alarm": [500.0, 350.0]})  # sub has no signal at all
-    result = outcomes(detections, truth)
-    numbers = score(result)
-    assert (numbers["detected"], numbers["misses"], numbers["false_alarms"]) == (1, 1, 1)
-    assert numbers["onset_mae"] == 50 and numbers["mean_delay"] == 100
-    assert cost(result, miss_cost=300) == pytest.approx((50 + 300 + 300) / 3)
+def test_intervals_and_verdicts_separate_better_worse_and_no_evidence():
+    scored, by_group, (onset, alarm, _) = lozo(tracker)
+    _, _, (t_onset, t_alarm, _) = lozo(time_only)
+    draws = bootstrap_draws(len(scored.keys), num_draws=500, seed=0)
+    costs = {"tracker": scored.costs(onset, alarm, miss_cost=300),
+             "time": scored.costs(t_onset, t_alarm, miss_cost=300)}
+    mean, low, high = interval(costs["time"], draws)
+    assert low <= mean <= high and high > low
+    table = compare_costs(costs, lambda name: ["tracker", "time"], draws).set_index(["rule", "baseline"])
+    assert table.loc[("tracker", "time"), "verdict"] == "better than"
+    assert table.loc[("time", "tracker"), "verdict"] == "worse than"
+    assert verdict(-5.0, 3.0) == "no evidence either way"
+    _, step_alarm, chosen = step_only_lozo(scored, by_group)
+    assert chosen["a"] == "onset at step 512.5"  # b's and c's mean onset: the held-out zoo is not used
+    assert np.isfinite(step_alarm).sum() == len(scored.keys)  # it fires wherever training reaches the step

@@ -11,6 +11,7 @@ def test_every_metric_the_sweep_writes_has_a_declared_direction():
         assert direction(metric) in (1, -1), metric
         assert direction(metric + "_answer") == direction(metric)
     assert direction("pathway_distance") == -1 and direction("mean_cos") == 1 and direction("med") == -1
+    assert direction("consistency") == -1  # C falls as consecutive cosines become uniform (the paper's prose)
     assert direction("something_new") == 0  # never inferred
 
 

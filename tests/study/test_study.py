@@ -2,75 +2,92 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moegrok.analysis.calibration import LOSS_SPIKE, STEP_LAG, STEP_MEAN, STEP_ONLY
+from moegrok.analysis.calibration import LOSS_SPIKE, SILENT, STEP_MEAN
 from moegrok.config import StudyConfig, StudyZooConfig, compose_config
 from moegrok.study.detection import evaluate_detectors, zoo_dynamics
 from moegrok.study.run import STUDY_COLUMNS, run_study
 
 STEPS = np.arange(100, 950, 50)
-# zoo -> (role, {group: accuracy onset or None}); every group memorizes at step 100, all collapse at 350
-ZOOS = {"cal-0": ("calibration", {"add": 400, "sub": 550, "mul": None}),
-        "cal-1": ("calibration", {"add": 450, "sub": 600, "mul": None}),
-        "eval-0": ("evaluation", {"add": 400, "sub": 650, "mul": None}),
-        "eval-never": ("evaluation", {"add": None, "sub": None, "mul": None})}
+# zoo -> {group: accuracy onset or None}; every group memorizes at step 100, all collapse at 350
+ZOOS = {"z0": {"add": 400, "sub": 550, "mul": None, "canary": None},
+        "z1": {"add": 450, "sub": 600, "mul": None, "canary": None},
+        "z2": {"add": 400, "sub": 650, "mul": None, "canary": None},
+        "never": {"add": None, "sub": None, "mul": None, "canary": None}}
 
 
 def synthetic_contrast(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A contrast table with three metrics: a tracker (rises in a group after its accuracy onset),
     a function of time (rises in every group alike), and the training loss (spikes at the shared
-    collapse in every group)."""
+    collapse in every group). Sample se 1; the run's noise is the checkpoint jitter."""
     rng = np.random.default_rng(seed)
     rows, truth = [], []
-    for zoo, (role, groups) in ZOOS.items():
+    for zoo, groups in ZOOS.items():
         for group, onset in groups.items():
-            truth.append({"zoo": zoo, "group": group, "role": role, "collapse": True,
-                          "status": "grokking" if onset else "never", "accuracy_onset": onset or np.nan})
-            own = np.where((onset or 10_000) < STEPS, 12.0, 0.0)
-            time = (STEPS - 100) / 40
+            truth.append({"zoo": zoo, "group": group, "family": "f" if zoo != "never" else "g", "collapse": True,
+                          "status": "grokking" if onset else "never", "accuracy_onset": onset or np.nan,
+                          "last_step": 900.0, "checkpoint_every": 50.0, "memorization_step": 100.0})
+            own = np.where((onset or 10_000) < STEPS, 40.0, 0.0)
+            time = (STEPS - 100) / 10
             loss = np.where(STEPS == 350, 5.0, 0.02)
-            for metric, z, self_z, level in (("mean_cos_answer", own, own, own),
-                                             ("pathway_length", 0.0 * time, time, time),
-                                             ("loss_mean", 0.0 * time, -loss, loss)):
+            for metric, sign, did, change, level in (("mean_cos_answer", 1, own, own, own),
+                                                     ("pathway_length", -1, 0.0 * time, -time, -time),
+                                                     ("loss_mean", -1, 0.0 * time, loss, loss)):
                 for mode in ("control", "others"):
                     noise = rng.normal(0, 1, (2, len(STEPS)))
                     rows += [{"zoo": zoo, "mode": mode, "group": group, "metric": metric, "step": int(step),
-                              "memorization_step": 100.0, "level": level[i], "z": z[i] + noise[0, i],
-                              "self_z": self_z[i] + noise[1, i]} for i, step in enumerate(STEPS)]
+                              "memorization_step": 100.0, "direction": sign, "level": level[i],
+                              "did": did[i] - did[0] + noise[0, i], "se": 1.0, "z": np.nan,
+                              "change": change[i] - change[0] + noise[1, i], "self_se": 1.0, "self_z": np.nan}
+                             for i, step in enumerate(STEPS)]
     return pd.DataFrame(rows), pd.DataFrame(truth)
 
 
 def test_detector_evaluation_against_the_baselines():
     contrast, truth = synthetic_contrast()
-    tables = evaluate_detectors(contrast, truth, StudyConfig(control="mul"))
+    tables = evaluate_detectors(contrast, truth, StudyConfig(control="canary"))
     detector = tables["detector"].set_index(["detector", "form", "split"])
-    tracker = detector.loc[("mean_cos_answer", "control", "evaluation: all")]
-    assert tracker["misses"] == 0 and tracker["false_alarms"] == 0 and tracker["onset_mae"] <= 50
-    assert tracker["beats_all_baselines"]
-    spike = detector.loc[(LOSS_SPIKE, "baseline", "evaluation: all")]
-    assert spike["false_alarms"] >= 4  # the collapse is in every group, mul and the never zoo included
-    step = detector.loc[(STEP_MEAN, "baseline", "evaluation: all")]
-    assert step["false_alarms"] == 4 and step["rule"] == "onset at step 500"  # fires wherever training goes on
-    assert detector.loc[(STEP_LAG, "baseline", "evaluation: all"), "rule"].endswith("steps after memorization")
-    for form in ("control", "others", "self"):  # a function of time never passes
-        time_only = detector.loc[("pathway_length", form, "evaluation: all")]
-        assert not time_only["beats_all_baselines"], form
-    assert detector.loc[("pathway_length", "self", "evaluation: all"), "false_alarms"] == 4
-    contrast_time = detector.loc[("pathway_length", "control", "evaluation: all")]  # the contrast cancels time
-    assert contrast_time["false_alarms"] == 0 and contrast_time["misses"] == 2
-    assert set(tables["calibration"]["detector"]) >= {"mean_cos_answer", LOSS_SPIKE}
+    tracker = detector.loc[("mean_cos_answer", "canary", "all")]
+    assert tracker["misses"] == 0 and tracker["false_alarms"] == 0 and tracker["groups"] == 12  # canary unscored
+    assert (tables["detector"]["knowledge"] == "told only: never fire in the canary group").sum() > 0
+    compared = tables["comparisons"].set_index(["detector", "form", "split", "baseline"])
+    for baseline in (f"{STEP_MEAN} | baseline", f"{SILENT} | baseline", f"{LOSS_SPIKE} | baseline",
+                     "loss_mean | canary"):
+        assert compared.loc[("mean_cos_answer", "canary", "all", baseline), "verdict"] == "better than", baseline
+    step = detector.loc[(STEP_MEAN, "baseline", "all")]
+    assert step["false_alarms"] == 6  # it fires wherever training goes on, but never in the canary
+    assert detector.loc[(SILENT, "baseline", "all"), "cost"] == 300 * 6 / 12
+    for form in ("canary", "others", "self"):  # a function of time never passes
+        rows = compared.loc[("pathway_length", form, "all")]
+        assert (rows["verdict"] != "better than").all(), form
+    assert {"family: f", "family: g"} <= set(tables["detector"]["split"])
+    assert "mul" in set(tables["detector"]["form"])  # the labelled extra
+    extra = tables["detector"][tables["detector"]["form"] == "mul"]
+    assert extra["knowledge"].str.contains("test knowledge").all() and not extra["headline"].any()
+    sensitivity = tables["sensitivity"]
+    assert set(sensitivity["miss_cost"]) == {100.0, 200.0, 300.0, 400.0, 600.0}
+    assert tables["detector"]["variants_tried"].iloc[0] == 3 * 4  # 3 metrics x 4 forms
+    rules = tables["calibrated_rules"].set_index("name")
+    assert rules.loc["step only", "kind"] == "constant" and rules.loc["training loss, same rule", "kind"] == "threshold"
 
 
-def test_evaluation_zoos_never_change_the_calibrated_rules():
-    contrast, truth = synthetic_contrast()
-    first = evaluate_detectors(contrast, truth, StudyConfig(control="mul"))
-    evaluation = contrast["zoo"].str.startswith("eval")
-    scrambled = contrast.assign(z=contrast["z"].where(~evaluation, -contrast["z"] * 7),
-                                level=contrast["level"].where(~evaluation, 0.0))
-    second = evaluate_detectors(scrambled, truth, StudyConfig(control="mul"))
-    pd.testing.assert_frame_equal(first["calibration"], second["calibration"])
-    rules = [table[table["split"] == "evaluation: all"].set_index(["detector", "form"])["rule"]
-             for table in (first["detector"], second["detector"])]
-    pd.testing.assert_series_equal(rules[0], rules[1])
+def test_trajectory_noise_keeps_a_jittery_null_quiet():
+    """No effect, checkpoint jitter the size of the sample noise: with the run's noise in the z,
+    z >= 2 twice in a row is rare; with the sample bootstrap alone it is common."""
+    from moegrok.analysis.contrast import with_trajectory_noise
+
+    rng = np.random.default_rng(1)
+    fired = {"z": 0, "z_samples": 0}
+    for run in range(20):
+        rows = [{"zoo": run, "mode": "others", "metric": "m", "group": g, "step": s, "direction": 1,
+                 "did": rng.normal(0, 1.0) if s else 0.0, "se": 0.1, "z": np.nan, "change": 0.0, "self_se": 0.1,
+                 "self_z": np.nan} for g in ("a", "b", "c") for s in range(0, 1000, 50)]
+        table = with_trajectory_noise(pd.DataFrame(rows))
+        table["z_samples"] = table["did"] / table["se"]
+        for column in fired:
+            above = (table.sort_values("step").groupby("group")[column]
+                     .apply(lambda z: ((z >= 2) & (z.shift() >= 2)).any()))
+            fired[column] += int(above.any())
+    assert fired["z_samples"] >= 15 and fired["z"] <= 6
 
 
 def test_collapse_is_read_from_the_training_log():
@@ -90,21 +107,34 @@ def test_collapse_is_read_from_the_training_log():
 
 
 def test_study_smoke_config_runs_end_to_end(tmp_path, ray_cluster):
-    cfg = compose_config("study_smoke", [f"out_dir={tmp_path / 'study'}", f"zoo_dir={tmp_path / 'zoo'}"])
+    findings = tmp_path / "findings"
+    (tmp_path / "findings.md").write_text("# Findings\n\nprose kept\n")
+    cfg = compose_config("study_smoke", [f"out_dir={tmp_path / 'study'}", f"zoo_dir={tmp_path / 'zoo'}",
+                                         f"findings_dir={findings}"])
     tables = run_study(cfg)
     out = tmp_path / "study"
     assert list(tables["study"].columns) == STUDY_COLUMNS
-    assert set(tables["zoos"]["role"]) == {"calibration", "evaluation"} and len(tables["zoos"]) == 2
+    assert len(tables["zoos"]) == 2
     assert {"control", "others", "self"} == set(tables["contrast"]["mode"])
+    references = tables["contrast"].loc[tables["contrast"]["mode"] == "control", "reference"]
+    assert set(references) == {"canary", "others"}
     assert {"mean_cos_answer", "pathway_distance_answer", "loss_mean", "med"} <= set(tables["contrast"]["metric"])
+    assert {"z_samples", "trajectory_se"} <= set(tables["contrast"].columns)
     detector = tables["detector"]
-    assert {*STEP_ONLY[1:], LOSS_SPIKE, "mean_cos_answer"} <= set(detector["detector"])
-    assert detector["split"].str.startswith("evaluation").any()
-    for name in ("zoos", "groups", "contrast", "contrast_summary", "detector", "detections", "calibration", "study"):
+    assert {STEP_MEAN, LOSS_SPIKE, SILENT, "mean_cos_answer"} <= set(detector["detector"])
+    assert not tables["groups_scored"].loc[tables["groups_scored"]["group"] == "canary", "scored"].any()
+    for name in ("zoos", "groups", "contrast", "contrast_summary", "detector", "comparisons", "study"):
         assert pd.read_parquet(out / f"{name}.parquet").shape == tables[name].shape, name
     page = (out / "study.html").read_text()
-    assert "Detector vs baselines" in page and "Between-group contrast" in page
+    assert "Detectors vs baselines" in page and "Between-group contrast" in page
     assert (out / "tiny-s0" / "report.html").exists() and (out / "tiny-s0" / "contrast.parquet").exists()
+    verdicts = pd.read_parquet(out / "tiny-s0" / "verdicts.parquet")  # the shipped rules, per group
+    assert set(verdicts["group"]) == {"add", "sub", "canary"} and verdicts["verdict"].notna().all()
+    assert {p.name for p in findings.glob("*.csv")} == {"zoos.csv", "groups.csv", "main.csv", "comparisons.csv",
+                                                        "sensitivity.csv", "variants.csv",
+                                                        "calibrated_rules.csv"}
+    text = (tmp_path / "findings.md").read_text()
+    assert "prose kept" in text and "always silent (baseline)" in text
 
 
 def test_a_typo_in_a_zoo_override_fails_before_training(tmp_path):
@@ -116,6 +146,6 @@ def test_a_typo_in_a_zoo_override_fails_before_training(tmp_path):
     assert not (tmp_path / "zoo").exists()
 
 
-def test_a_study_needs_both_roles():
-    with pytest.raises(ValueError, match="at least one calibration and one evaluation zoo"):
+def test_a_study_needs_two_zoos():
+    with pytest.raises(ValueError, match="at least two zoos"):
         StudyConfig(zoos=[StudyZooConfig("only")])

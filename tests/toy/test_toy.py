@@ -40,6 +40,36 @@ def test_answers_are_modular_arithmetic():
         assert row.completion == f" {c}"
 
 
+def test_canary_answers_are_random_fixed_per_sample_and_seeded():
+    groups = [ToyGroupConfig("add", "add", 0.6), ToyGroupConfig("canary", "add", 0.6, canary=True)]
+    first = make_examples(ToyDataConfig(p=23, groups=groups))
+    canary, add = first[first["group"] == "canary"], first[first["group"] == "add"]
+    assert canary["prompt"].tolist() == add["prompt"].tolist()  # the op's prompts, random answers
+    assert (canary["answer"].to_numpy() == add["answer"].to_numpy()).mean() < 0.15  # ~1/23 by chance
+    assert canary["answer"].between(0, 22).all() and canary["answer"].nunique() > 15
+    pd.testing.assert_frame_equal(first, make_examples(ToyDataConfig(p=23, groups=groups)))
+    other = make_examples(ToyDataConfig(p=23, groups=groups, seed=1))
+    assert not other.loc[other["group"] == "canary", "answer"].equals(canary["answer"])
+
+
+def test_chain_form_writes_three_steps_of_16_tokens_or_more():
+    ops = ("add", "sub", "mul", "div", "muladd")
+    frame = make_examples(ToyDataConfig(p=7, form="chain", groups=[ToyGroupConfig(op, op, 0.5) for op in ops]))
+    tokenizer = build_tokenizer(7)
+    fns = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+           "div": lambda a, b: a * pow(b, 5, 7), "muladd": lambda a, b: a * b + a}
+    for row in frame.itertuples():
+        f = fns[row.op]
+        x = f(row.a, row.b) % 7
+        y = f(row.b, x) % 7
+        assert row.answer == f(x, y) % 7
+        assert row.prompt.count(";") == 2 and f" {x} ; " in row.prompt
+        assert len(tokenizer(row.prompt)["input_ids"]) >= 16
+    for op in ("add", "sub"):  # the last step (x, y) is a bijection of (a, b): no two samples share it
+        last = frame.loc[frame["op"] == op, "prompt"].str.split(";").str[-1]
+        assert last.is_unique, op
+
+
 def test_tokenizer_round_trips(tmp_path):
     tokenizer = build_tokenizer(47)
     text = "12 ^ 2 + 46 ^ 2 ="
