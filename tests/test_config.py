@@ -127,5 +127,5 @@ def test_study_configs_resolve(name):
 
     study = to_object(name, [])
     assert isinstance(study, StudyConfig) and study.zoos
-    assert {zoo.role for zoo in study.zoos} == {"calibration", "evaluation"}
+    assert sum(len(zoo.seeds) for zoo in study.zoos) >= 2  # each zoo is scored with rules calibrated on the others
     assert not study.base.train.live_metrics.enabled
