@@ -276,8 +276,9 @@ def local_path(ref: CheckpointRef, *, cache_dir: str) -> Path:
         patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
         return Path(snapshot_download(ref.uri, revision=ref.revision, allow_patterns=patterns,
                                       cache_dir=str(Path(cache_dir) / "hub")))
-    # a URL (s3://, gs://, any fsspec protocol): copied once per cache dir (each node's own)
-    target = Path(cache_dir) / hashlib.sha1(ref.uri.encode()).hexdigest()[:16] / ref.name
+    # a URL (s3://, gs://, any fsspec protocol): copied once per cache dir (each node's own) and
+    # content key, so weights replaced in place at the same URL are copied again, never read stale
+    target = Path(cache_dir) / hashlib.sha1(f"{ref.uri}\n{ref.content}".encode()).hexdigest()[:16] / ref.name
     marker = target.parent / ".complete"
     if not marker.exists():
         as_path(ref.uri).download(target)

@@ -77,7 +77,7 @@ def _run_stages(cfg: SweepConfig, run: RunDir, stages: list[Stage], inputs: Inpu
     if run.verdicts.exists() and Stage.report in stages:
         from moegrok.analysis.verdicts import verdict_lines
 
-        lines = verdict_lines(pd.read_parquet(run.verdicts))
+        lines = verdict_lines(read_parquet(run.verdicts))
         if lines:
             print("\nWhat the study's calibrated rules say (training side only):\n" + "\n".join(lines))
     if cfg.cluster.sync_uri:

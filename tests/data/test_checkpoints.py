@@ -1,8 +1,11 @@
+import time
+from dataclasses import replace
+
 import pytest
 import torch
 
 from moegrok.config import CheckpointsConfig, ModelConfig
-from moegrok.data.checkpoints import build_catalog, check_local_dir, load_checkpoint, parse_name
+from moegrok.data.checkpoints import build_catalog, check_local_dir, content_key, load_checkpoint, parse_name
 from moegrok.errors import CheckpointError
 from tests.reference.models import save_tiny_moe
 
@@ -83,3 +86,30 @@ def test_load_local_and_fsspec_url_checkpoints(tmp_path):
     ids = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(cached(ids).logits, model(ids).logits)
+
+
+def test_weights_replaced_in_a_bucket_are_copied_again_never_read_stale(s3_endpoint, tmp_path):
+    import pyarrow.fs as pafs
+
+    from moegrok.store import filesystem
+
+    ids = torch.tensor([[1, 5, 6, 7]])
+    cache = str(tmp_path / "cache")
+
+    def upload_and_load(seed: int):
+        path = save_tiny_moe("mixtral", tmp_path / f"seed{seed}" / "step3", seed=seed)
+        pafs.copy_files(str(path), "moegrok/replaced/step3", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=filesystem("s3", {}))
+        ref = build_catalog(CheckpointsConfig(paths=["s3://moegrok/replaced/step3"]))[0]
+        ref = replace(ref, content=content_key(ref))
+        local, _ = load_checkpoint(build_catalog(CheckpointsConfig(paths=[str(path)]))[0], ModelConfig(),
+                                   cache_dir=cache, device="cpu")
+        return ref, load_checkpoint(ref, ModelConfig(), cache_dir=cache, device="cpu")[0], local
+
+    first, cached, _ = upload_and_load(0)
+    time.sleep(1.1)  # S3 keeps modification times in seconds
+    second, fresh, replacement = upload_and_load(1)  # same names and sizes, other weights
+    assert first.content != second.content
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, replacement(ids).logits)
+        assert not torch.allclose(fresh(ids).logits, cached(ids).logits)

@@ -36,8 +36,9 @@ def test_a_sweep_into_the_bucket_resumes_after_kill_9_to_the_local_tables(bucket
                                                                          ray_cluster, tmp_path):
     run_url = "s3://moegrok/runs/killed"
     # the killed driver reaches the bucket through the AWS_* variables, as a user's shell would pass them
+    cache = f"checkpoints.cache_dir={tmp_path / 'cache'}"  # the bucket's checkpoints are copied here
     command = sweep_command(bucket_zoo, run_url, "analysis.control=mul", "storage.lease_ttl_s=10",
-                            "cluster.num_cpus=2")
+                            "cluster.num_cpus=2", cache)
     env = {**ENV, **{key: os.environ[key] for key in os.environ if key.startswith("AWS_")}}
     run = RunDir(run_url)
     process = start(command, lambda: record_markers(run) >= 2, env=env)
@@ -47,7 +48,7 @@ def test_a_sweep_into_the_bucket_resumes_after_kill_9_to_the_local_tables(bucket
     # the resumed sweep reaches it through storage.options instead
     options = [f"+storage.options.endpoint_url={s3_endpoint}", "+storage.options.key=testing",
                "+storage.options.secret=testing"]
-    cfg = tiny_sweep_config(bucket_zoo, run_url, "analysis.control=mul", "storage.lease_ttl_s=10", *options)
+    cfg = tiny_sweep_config(bucket_zoo, run_url, "analysis.control=mul", "storage.lease_ttl_s=10", cache, *options)
     with pytest.raises(UserError, match=rf"run dir {run_url} is in use by another sweep \(pid {process.pid} on "):
         run_sweep(cfg)
     kill_and_check_nothing_outlives(process)
