@@ -61,7 +61,7 @@ def run_verdicts(contrast: pd.DataFrame, rules: pd.DataFrame) -> pd.DataFrame:
                      if len(series) else None)
             fired = found is not None and found.fired
             rows.append({"group": group, "rule": rule_row["name"], **{k: rule_row[k] for k in RULE_COLUMNS[1:]},
-                         "verdict": f"generalizing since step {found.onset:g}" if fired else SILENT,
+                         "verdict": f"generalizing since step {found.onset:.0f}" if fired else SILENT,
                          "onset_step": found.onset if fired else np.nan,
                          "alarm_step": found.alarm if fired else np.nan})
     return pd.DataFrame(rows)
