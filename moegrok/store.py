@@ -130,6 +130,12 @@ class ObjectPath:
         return self.key.rpartition("/")[2]
 
     @property
+    def bucket_and_key(self) -> tuple[str, str]:
+        """S3's two halves of the path (boto3 calls take them apart)."""
+        bucket, _, key = self.key.partition("/")
+        return bucket, key
+
+    @property
     def stem(self) -> str:
         return Path(self.name).stem
 
@@ -168,7 +174,7 @@ class ObjectPath:
     def read_bytes(self) -> bytes:
         """The whole object: on S3 one GET (pyarrow's stream would HEAD it first)."""
         if self.scheme in ("s3", "s3a"):
-            bucket, _, key = self.key.partition("/")
+            bucket, key = self.bucket_and_key
             client = s3_client(self.options)
             try:
                 return client.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -227,14 +233,9 @@ class ObjectPath:
 
     def download(self, destination: Path) -> Path:
         """Copy this object, or every object under this prefix, to a local path."""
-        if self.is_file():
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(self.key, str(destination), source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-        else:
-            destination.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(self.key, str(destination), source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+        (destination.parent if self.is_file() else destination).mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(self.key, str(destination), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
         return destination
 
 
@@ -605,7 +606,7 @@ class Lease:
         """S3: PUT the lease under `condition` (IfNoneMatch / IfMatch); False when it does not hold."""
         from botocore.exceptions import ClientError
 
-        bucket, _, key = self.path.key.partition("/")
+        bucket, key = self.path.bucket_and_key
         try:
             self.etag = s3_client(self.path.options).put_object(Bucket=bucket, Key=key, Body=self._body(),
                                                                 **condition)["ETag"]
@@ -619,7 +620,7 @@ class Lease:
         """The lease held now and its ETag (S3), or None when there is none (or it is half-written)."""
         try:
             if self.path.scheme in ("s3", "s3a"):
-                bucket, _, key = self.path.key.partition("/")
+                bucket, key = self.path.bucket_and_key
                 got = s3_client(self.path.options).get_object(Bucket=bucket, Key=key)
                 return json.loads(got["Body"].read()), got["ETag"]
             return json.loads(self.path.read_text()), None
